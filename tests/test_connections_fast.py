@@ -150,3 +150,36 @@ def test_fused_gradcheck_static_and_dynamic():
         _randomize(conn, 5, 0.3)
         H = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda H: conn(H, torch.sin), (H,))
+
+
+@pytest.mark.parametrize("center", [True, False], ids=["layernorm", "rmsnorm"])
+def test_normed_linear_matches_norm_then_matmul(center):
+    """normed_linear == F.layer_norm / F.rms_norm (no affine) followed by x @ W^T: values and both gradients."""
+    from hcvision.connections.hyper import normed_linear
+
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(3, 5, 4, 16, generator=gen, dtype=torch.float64) * 2 + 0.7).requires_grad_()
+    W = torch.randn(6, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 5, 4, 6, generator=gen, dtype=torch.float64)
+    ref_norm = F.layer_norm(x, (16,), eps=1e-6) if center else F.rms_norm(x, (16,), eps=1e-6)
+    ref = ref_norm @ W.T
+    out = normed_linear(x, W, center=center, eps=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g_ref = torch.autograd.grad((ref * up).sum(), [x, W])
+    g_out = torch.autograd.grad((out * up).sum(), [x, W])
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.autograd.gradcheck(lambda a, b: normed_linear(a, b, center=center, eps=1e-3),
+                             (x[:1, :2].detach().clone().requires_grad_(), W.detach().clone().requires_grad_()))
+
+
+def test_normed_linear_float32_offset_streams():
+    """fp32 statistics from E[x^2] - mu^2 stay accurate for streams whose mean is 4x their spread."""
+    from hcvision.connections.hyper import normed_linear
+
+    gen = torch.Generator().manual_seed(3)
+    x64 = torch.randn(64, 4, 384, generator=gen, dtype=torch.float64) + 4.0
+    W64 = torch.randn(6, 384, generator=gen, dtype=torch.float64) / 20
+    ref = F.layer_norm(x64, (384,), eps=1e-6) @ W64.T
+    out = normed_linear(x64.float(), W64.float(), center=True, eps=1e-6).double()
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4

@@ -19,11 +19,12 @@ Init (HC Eq. 14 for sublayer k): ``B = 1``, ``A_m = e_{k mod n}``, ``A_r = I``. 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import FRAC_KINDS, Connection, WidthContext
 
-__all__ = ["ResidualConnection", "HyperConnection", "hc_init_matrix"]
+__all__ = ["ResidualConnection", "HyperConnection", "hc_init_matrix", "normed_linear"]
 
 
 class ResidualConnection(Connection):
@@ -130,24 +131,19 @@ class HyperConnection(Connection):
         """``norm(H) W`` with the norm applied after the matmul (same function, no normalised copy of the streams).
 
         LayerNorm: ``norm(H) W = rstd * (H W' - mu * 1^T W') + b W`` with ``W' = diag(gamma) W``; RMSNorm:
-        ``rstd * H W'``. Only per-stream statistics and the small projection are new tensors; autograd keeps H (which
-        the width mix keeps anyway) instead of a normalised ``(..., n, c)`` copy.
+        ``rstd * H W'``. Only per-stream statistics and the small projection are new tensors (see :func:`normed_linear`).
         """
         W = self.dynamic_weight.to(H.dtype)
         norm = self.norm
-        weight = getattr(norm, "weight", None)
+        if isinstance(norm, nn.Identity):
+            return F.linear(H, W.t().contiguous())  # (J, c) weight: the fast matmul layout for forward and backward
+        weight = norm.weight
         Wp = W if weight is None else weight.to(H.dtype).unsqueeze(-1) * W
         if isinstance(norm, nn.LayerNorm):
-            var, mean = torch.var_mean(H, dim=-1, keepdim=True, correction=0)
-            proj = (H @ Wp - mean * Wp.sum(0)) * torch.rsqrt(var + norm.eps)
-            if norm.bias is not None:
-                proj = proj + norm.bias.to(H.dtype) @ W
-            return proj
-        if isinstance(norm, nn.RMSNorm):
-            eps = norm.eps if norm.eps is not None else torch.finfo(H.dtype).eps
-            ms = torch.linalg.vector_norm(H, dim=-1, keepdim=True).square() / H.shape[-1]
-            return (H @ Wp) * torch.rsqrt(ms + eps)
-        return norm(H) @ W
+            proj = normed_linear(H, Wp.t().contiguous(), center=True, eps=norm.eps)
+            return proj if norm.bias is None else proj + norm.bias.to(H.dtype) @ W
+        eps = norm.eps if norm.eps is not None else torch.finfo(H.dtype).eps
+        return normed_linear(H, Wp.t().contiguous(), center=False, eps=eps)
 
     @torch.no_grad()
     def set_matrix(self, matrix: torch.Tensor) -> None:
@@ -159,3 +155,82 @@ class HyperConnection(Connection):
         self.static_beta.copy_(matrix[0, k:])
         self.static_alpha.copy_(matrix[1:, :])
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Normalised projection for the dynamic coefficients (checked against the plain path in tests/test_connections_fast.py)
+# ---------------------------------------------------------------------------------------------------------------
+class _NormedLinear(torch.autograd.Function):
+    """``p = rstd * (x W^T - mu s^T)`` over the last dim of ``x``; ``s = W 1`` (row sums), ``mu = 0`` without centring.
+
+    Why a Function: autograd through ``var_mean``, the matmul and the centring keeps and re-reads several full-size
+    tensors and sums three gradients of ``x``; here the backward is one matmul and one in-place ``addcmul`` per pass
+    over ``x``. The matmuls use the layouts that are fast for a skinny ``W`` (J of 5-25 rows): ``x @ W^T`` with ``W``
+    row-major, ``g^T @ x`` for the weight gradient. Statistics are in fp32 or better: ``var = E[x^2] - mu^2`` from two
+    single-pass reductions (``torch.var_mean`` costs ~30 passes here). Measured in fp32 against float64 LayerNorm: relative
+    error 3e-6 when a stream's mean is 4x its spread, 7e-5 at 30x, 1e-3 at 100x; the coefficients it feeds are squashed
+    by tanh and scaled by ``s = 0.01``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, center: bool, eps: float):
+        with torch.autocast(device_type=x.device.type, enabled=False):  # in x's dtype: the streams stay fp32 under AMP
+            ctx.weight_dtype = weight.dtype
+            return _NormedLinear._forward(ctx, x, weight.to(x.dtype), center, eps)
+
+    @staticmethod
+    def _forward(ctx, x: torch.Tensor, weight: torch.Tensor, center: bool, eps: float):
+        c, J = x.shape[-1], weight.shape[0]
+        xf = x.reshape(-1, c)
+        stat = torch.promote_types(x.dtype, torch.float32)
+        ms = torch.linalg.vector_norm(xf, dim=-1, dtype=stat).square_().div_(c)
+        proj = torch.mm(xf, weight.t())  # (R, J)
+        if center:
+            mean = xf.mean(dim=-1, dtype=stat)
+            var = ms.sub_(mean.square()).clamp_min_(0.0)
+            proj.sub_(mean.unsqueeze(-1).to(proj.dtype) * weight.sum(-1).to(proj.dtype))
+        else:
+            mean, var = None, ms
+        rstd = var.add_(eps).rsqrt_()
+        proj.mul_(rstd.unsqueeze(-1).to(proj.dtype))
+        ctx.save_for_backward(xf, weight, mean, rstd, proj)
+        ctx.x_shape = x.shape
+        return proj.view(*x.shape[:-1], J)
+
+    @staticmethod
+    def backward(ctx, grad_proj: torch.Tensor):
+        xf, weight, mean, rstd, proj = ctx.saved_tensors
+        c = xf.shape[-1]
+        g = grad_proj.reshape(proj.shape).to(proj.dtype)
+        rstd_c = rstd.to(proj.dtype).unsqueeze(-1)
+        grad_u = g * rstd_c  # d/d(x W^T)
+        # rstd = (var + eps)^(-1/2), var = E[x^2] - mu^2: d var / d x = 2 (x - mu) / c
+        grad_var = (g * proj).sum(-1, keepdim=True) * rstd_c.square() * -0.5
+        scale_x = grad_var * (2.0 / c)
+        shift = torch.zeros_like(scale_x)
+        grad_weight = None
+        if mean is not None:
+            mean_c = mean.to(proj.dtype).unsqueeze(-1)
+            grad_mean = -(grad_u * weight.sum(-1).to(proj.dtype)).sum(-1, keepdim=True) - 2.0 * mean_c * grad_var
+            shift = grad_mean / c
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # grad_u W + shift, as one matmul over [grad_u | shift] and [W ; 1], then + scale_x * x in place
+            ones = weight.new_ones(1, c)
+            grad_x = torch.mm(torch.cat([grad_u, shift], dim=-1), torch.cat([weight, ones], dim=0))
+            grad_x.addcmul_(scale_x, xf)
+            grad_x = grad_x.view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.mm(grad_u.t(), xf)  # (J, c)
+            if mean is not None:  # through s = W 1 in the centring term
+                grad_weight.sub_((grad_u * mean_c).sum(0).unsqueeze(-1))
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        return grad_x, grad_weight, None, None
+
+
+def normed_linear(x: torch.Tensor, weight: torch.Tensor, *, center: bool, eps: float) -> torch.Tensor:
+    """``norm(x) @ weight.T`` for a parameter-free LayerNorm (``center=True``) or RMSNorm over the last dim.
+
+    ``weight`` is ``(J, c)``; fold a norm's affine scale into it beforehand (``diag(gamma) W``) and add ``b W`` after.
+    """
+    return _NormedLinear.apply(x, weight, bool(center), float(eps))

@@ -224,9 +224,19 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype != b.dtype:  # backward under autocast: a bf16 incoming gradient meets fp32 saved tensors
         dtype = torch.promote_types(a.dtype, b.dtype)
         a, b = a.to(dtype), b.to(dtype)
-    a3 = a.expand(*lead, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
-    b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    a3 = _matrix_batch(a.expand(*lead, *a.shape[-2:]))
+    b3 = _matrix_batch(b.expand(*lead, *b.shape[-2:]))
     return torch.bmm(a3, b3).view(*lead, a.shape[-2], b.shape[-1])
+
+
+def _matrix_batch(x: torch.Tensor) -> torch.Tensor:
+    """``(..., r, s) -> (N, r, s)`` for ``bmm``: a stride-0 *batch* stays a view (no copy of a static matrix), but a
+    stride-0 *matrix* dim (the first layer's expanded streams) is made real, because CPU ``bmm`` falls back to a
+    per-item loop with a copy of every item (~50 ms per ViT-S/16 step) for such an operand."""
+    x = x.reshape(-1, *x.shape[-2:])
+    if x.shape[-2] > 1 and x.stride(-2) == 0:
+        x = x.contiguous()
+    return x
 
 
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -239,7 +249,7 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 class _StreamMix(torch.autograd.Function):
     """``[h_in | R] = mix^T H`` as one batched matmul, streams next to channels.
 
-    Forward: one read of H, one write of ``(k + n) c`` per token, contiguous (no einsum permutes). Backward: the two
+    Forward: one read of H, one write of ``(k + n) c`` per token (no einsum permutes). Backward: the two
     incoming gradients are stacked once and give ``grad H = mix [g_in; g_R]`` and ``grad mix = H [g_in; g_R]^T`` in one
     matmul each (the plain path instead zero-fills and copies a full buffer per slice, then adds them).
     Saves H and mix only.
@@ -250,7 +260,9 @@ class _StreamMix(torch.autograd.Function):
         out = _bmm(mix.transpose(-2, -1), H)  # (..., k + n, c)
         ctx.save_for_backward(H, mix)
         ctx.k = k
-        return out[..., :k, :], out[..., k:, :]
+        # The branch input gets its own buffer: its first op (a LayerNorm) would copy a strided view in forward and
+        # again in backward, and by keeping the view it would keep the whole (k + n) c buffer alive until backward.
+        return out[..., :k, :].contiguous(), out[..., k:, :]
 
     @staticmethod
     def backward(ctx, g_in: torch.Tensor | None, g_res: torch.Tensor | None):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import FRAC_KINDS, Connection, WidthContext
+from .base import FRAC_KINDS, Connection, WidthContext, _bmm, _sum_to
 
 __all__ = ["ResidualConnection", "HyperConnection", "hc_init_matrix", "normed_linear"]
 
@@ -127,6 +127,25 @@ class HyperConnection(Connection):
         beta = torch.addcmul(self.static_beta.to(proj.dtype), self.dynamic_beta_scale.to(proj.dtype), proj[..., -1])
         return alpha, beta
 
+    def width(self, H: torch.Tensor) -> tuple[torch.Tensor, WidthContext]:
+        if not (self.dynamic and self.fused):
+            return super().width(H)
+        # Eqs. 10-13 and the width mix in one Function (see _DynamicWidth); same function as coefficients() + mix.
+        W = self.dynamic_weight.to(H.dtype)
+        norm, eps, center, bias = self.norm, None, False, None
+        if not isinstance(norm, nn.Identity):
+            if norm.weight is not None:
+                W = norm.weight.to(H.dtype).unsqueeze(-1) * W
+            center = isinstance(norm, nn.LayerNorm)
+            eps = norm.eps if norm.eps is not None else torch.finfo(H.dtype).eps
+            if getattr(norm, "bias", None) is not None:
+                bias = norm.bias.to(H.dtype) @ self.dynamic_weight.to(H.dtype)
+        h_in, residual, beta = _DynamicWidth.apply(
+            H, W.t().contiguous(), bias, self.static_alpha, self.static_beta, self.dynamic_alpha_scale,
+            self.dynamic_beta_scale, self.num_inputs, center, eps, self.use_tanh,
+        )
+        return h_in.flatten(-2), WidthContext(residual, beta)
+
     def _normed_projection(self, H: torch.Tensor) -> torch.Tensor:
         """``norm(H) W`` with the norm applied after the matmul (same function, no normalised copy of the streams).
 
@@ -160,6 +179,52 @@ class HyperConnection(Connection):
 # ---------------------------------------------------------------------------------------------------------------
 # Normalised projection for the dynamic coefficients (checked against the plain path in tests/test_connections_fast.py)
 # ---------------------------------------------------------------------------------------------------------------
+def _normed_linear_forward(x: torch.Tensor, weight: torch.Tensor, center: bool, eps: float | None):
+    """``(p, saved)`` with ``p = rstd * (x W^T - mu s^T)`` as ``(rows, J)``; ``eps=None`` means no norm at all."""
+    c = x.shape[-1]
+    xf = x.reshape(-1, c)
+    proj = torch.mm(xf, weight.t())  # (R, J): W row-major is the fast layout for a skinny matmul
+    mean = rstd = None
+    if eps is not None:
+        stat = torch.promote_types(x.dtype, torch.float32)
+        ms = torch.linalg.vector_norm(xf, dim=-1, dtype=stat).square_().div_(c)
+        if center:
+            mean = xf.mean(dim=-1, dtype=stat)
+            ms.sub_(mean.square()).clamp_min_(0.0)
+            proj.sub_(mean.unsqueeze(-1).to(proj.dtype) * weight.sum(-1).to(proj.dtype))
+        rstd = ms.add_(eps).rsqrt_()
+        proj.mul_(rstd.unsqueeze(-1).to(proj.dtype))
+    return proj, (xf, weight, mean, rstd, proj)
+
+
+def _normed_linear_backward(saved: tuple, grad_proj: torch.Tensor, need_x: bool, need_weight: bool):
+    """Gradients of :func:`_normed_linear_forward` for ``x`` (rows, c) and ``weight``, given ``grad_proj`` (rows, J)."""
+    xf, weight, mean, rstd, proj = saved
+    c = xf.shape[-1]
+    g = grad_proj.to(proj.dtype)
+    if rstd is None:
+        grad_x = torch.mm(g, weight) if need_x else None
+        return grad_x, (torch.mm(g.t(), xf) if need_weight else None)
+    rstd_c = rstd.to(proj.dtype).unsqueeze(-1)
+    grad_u = g * rstd_c  # d/d(x W^T)
+    # rstd = (var + eps)^(-1/2), var = E[x^2] - mu^2: d var / d x = 2 (x - mu) / c
+    grad_var = (g * proj).sum(-1, keepdim=True) * rstd_c.square() * -0.5
+    grad_x = grad_weight = None
+    if need_x:
+        if mean is None:
+            grad_x = torch.mm(grad_u, weight)
+        else:  # grad_u W + grad_mu / c, as one matmul over [grad_u | grad_mu / c] and [W ; 1]
+            grad_mean = -(grad_u * weight.sum(-1).to(proj.dtype)).sum(-1, keepdim=True)
+            grad_mean -= 2.0 * mean.to(proj.dtype).unsqueeze(-1) * grad_var
+            grad_x = torch.mm(torch.cat([grad_u, grad_mean / c], dim=-1), torch.cat([weight, weight.new_ones(1, c)]))
+        grad_x.addcmul_(grad_var * (2.0 / c), xf)
+    if need_weight:
+        grad_weight = torch.mm(grad_u.t(), xf)  # (J, c): g^T x is the fast layout
+        if mean is not None:  # through s = W 1 in the centring term
+            grad_weight.sub_((grad_u * mean.to(proj.dtype).unsqueeze(-1)).sum(0).unsqueeze(-1))
+    return grad_x, grad_weight
+
+
 class _NormedLinear(torch.autograd.Function):
     """``p = rstd * (x W^T - mu s^T)`` over the last dim of ``x``; ``s = W 1`` (row sums), ``mu = 0`` without centring.
 
@@ -175,57 +240,82 @@ class _NormedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, center: bool, eps: float):
         with torch.autocast(device_type=x.device.type, enabled=False):  # in x's dtype: the streams stay fp32 under AMP
-            ctx.weight_dtype = weight.dtype
-            return _NormedLinear._forward(ctx, x, weight.to(x.dtype), center, eps)
-
-    @staticmethod
-    def _forward(ctx, x: torch.Tensor, weight: torch.Tensor, center: bool, eps: float):
-        c, J = x.shape[-1], weight.shape[0]
-        xf = x.reshape(-1, c)
-        stat = torch.promote_types(x.dtype, torch.float32)
-        ms = torch.linalg.vector_norm(xf, dim=-1, dtype=stat).square_().div_(c)
-        proj = torch.mm(xf, weight.t())  # (R, J)
-        if center:
-            mean = xf.mean(dim=-1, dtype=stat)
-            var = ms.sub_(mean.square()).clamp_min_(0.0)
-            proj.sub_(mean.unsqueeze(-1).to(proj.dtype) * weight.sum(-1).to(proj.dtype))
-        else:
-            mean, var = None, ms
-        rstd = var.add_(eps).rsqrt_()
-        proj.mul_(rstd.unsqueeze(-1).to(proj.dtype))
-        ctx.save_for_backward(xf, weight, mean, rstd, proj)
-        ctx.x_shape = x.shape
-        return proj.view(*x.shape[:-1], J)
+            proj, saved = _normed_linear_forward(x, weight.to(x.dtype), center, eps)
+        ctx.save_for_backward(*saved)
+        ctx.x_shape, ctx.weight_dtype = x.shape, weight.dtype
+        return proj.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_proj: torch.Tensor):
-        xf, weight, mean, rstd, proj = ctx.saved_tensors
-        c = xf.shape[-1]
-        g = grad_proj.reshape(proj.shape).to(proj.dtype)
-        rstd_c = rstd.to(proj.dtype).unsqueeze(-1)
-        grad_u = g * rstd_c  # d/d(x W^T)
-        # rstd = (var + eps)^(-1/2), var = E[x^2] - mu^2: d var / d x = 2 (x - mu) / c
-        grad_var = (g * proj).sum(-1, keepdim=True) * rstd_c.square() * -0.5
-        scale_x = grad_var * (2.0 / c)
-        shift = torch.zeros_like(scale_x)
-        grad_weight = None
-        if mean is not None:
-            mean_c = mean.to(proj.dtype).unsqueeze(-1)
-            grad_mean = -(grad_u * weight.sum(-1).to(proj.dtype)).sum(-1, keepdim=True) - 2.0 * mean_c * grad_var
-            shift = grad_mean / c
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # grad_u W + shift, as one matmul over [grad_u | shift] and [W ; 1], then + scale_x * x in place
-            ones = weight.new_ones(1, c)
-            grad_x = torch.mm(torch.cat([grad_u, shift], dim=-1), torch.cat([weight, ones], dim=0))
-            grad_x.addcmul_(scale_x, xf)
+        saved = ctx.saved_tensors
+        grad_x, grad_weight = _normed_linear_backward(
+            saved, grad_proj.reshape(saved[-1].shape), ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.mm(grad_u.t(), xf)  # (J, c)
-            if mean is not None:  # through s = W 1 in the centring term
-                grad_weight.sub_((grad_u * mean_c).sum(0).unsqueeze(-1))
+        if grad_weight is not None:
             grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_x, grad_weight, None, None
+
+
+class _DynamicWidth(torch.autograd.Function):
+    """DHC/DFC width step (Eqs. 10-13, then Eqs. 3-4) from the streams ``H`` in one node.
+
+    Forward: ``p = norm(H) W`` (:func:`_normed_linear_forward`), ``t = tanh(p)``, ``A = A_static + s_a t[:-1]``,
+    ``B = B_static + s_b t[-1]``, ``[h_in | R] = A^T H``. Why one node: the two gradients that reach ``H`` (through the
+    mix and through the projection) are summed in place (``baddbmm_``) instead of by a separate pass, and the dozen small
+    coefficient ops have no autograd bookkeeping. Saves H, the per-token A and t, and the norm statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, H, weight, bias, static_alpha, static_beta, alpha_scale, beta_scale, k, center, eps, use_tanh):
+        with torch.autocast(device_type=H.device.type, enabled=False):  # coefficients and mix in the streams' dtype
+            dt = H.dtype
+            proj, saved = _normed_linear_forward(H, weight.to(dt), center, eps)
+            if bias is not None:
+                proj = proj + bias.to(dt)
+            t = (torch.tanh(proj) if use_tanh else proj).view(*H.shape[:-1], -1)  # (..., n, k + n + 1)
+            alpha = torch.addcmul(static_alpha.to(dt), alpha_scale.to(dt), t[..., :-1])
+            beta = torch.addcmul(static_beta.to(dt), beta_scale.to(dt), t[..., -1])
+            out = _bmm(alpha.transpose(-2, -1), H)
+        ctx.save_for_backward(H, alpha, t, alpha_scale, beta_scale, *saved[1:])
+        ctx.k, ctx.use_tanh, ctx.has_bias = k, use_tanh, bias is not None
+        ctx.dtypes = (weight.dtype, static_alpha.dtype, static_beta.dtype, alpha_scale.dtype, beta_scale.dtype)
+        return out[..., :k, :].contiguous(), out[..., k:, :], beta
+
+    @staticmethod
+    def backward(ctx, g_in, g_res, g_beta):
+        H, alpha, t, alpha_scale, beta_scale, weight, mean, rstd, proj = ctx.saved_tensors
+        k, dt = ctx.k, H.dtype
+        n, c = H.shape[-2], H.shape[-1]
+        lead = alpha.shape[:-2]
+        g_in = H.new_zeros(*lead, k, c) if g_in is None else g_in.to(dt)
+        g_res = H.new_zeros(*lead, n, c) if g_res is None else g_res.to(dt)
+        g_beta = H.new_zeros(*lead, n) if g_beta is None else g_beta.to(dt)
+        G = torch.cat([g_in, g_res], dim=-2)  # (..., k + n, c)
+        grad_alpha = _bmm(H, G.transpose(-2, -1))  # (..., n, k + n)
+        t_alpha, t_beta = t[..., :-1], t[..., -1]
+        grad_t = torch.cat([grad_alpha * alpha_scale.to(dt), (g_beta * beta_scale.to(dt)).unsqueeze(-1)], dim=-1)
+        grad_proj = grad_t * (1.0 - t * t) if ctx.use_tanh else grad_t
+        grad_proj = grad_proj.reshape(proj.shape)
+        xf = H.reshape(-1, c)
+        grad_H, grad_weight = _normed_linear_backward(
+            (xf, weight, mean, rstd, proj), grad_proj, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        if grad_H is not None:  # (rows, c) from the projection, then + A [g_in; g_res] in place
+            grad_H.view(-1, n, c).baddbmm_(alpha.reshape(-1, n, k + n), G.reshape(-1, k + n, c))
+            grad_H = grad_H.view(H.shape)
+        w_dt, a_dt, b_dt, sa_dt, sb_dt = ctx.dtypes
+        grads = [
+            grad_H,
+            None if grad_weight is None else grad_weight.to(w_dt),
+            grad_proj.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None,
+            _sum_to(grad_alpha, alpha.shape[-2:]).to(a_dt) if ctx.needs_input_grad[3] else None,
+            _sum_to(g_beta, g_beta.shape[-1:]).to(b_dt) if ctx.needs_input_grad[4] else None,
+            (grad_alpha * t_alpha).sum().view(1).to(sa_dt) if ctx.needs_input_grad[5] else None,
+            (g_beta * t_beta).sum().view(1).to(sb_dt) if ctx.needs_input_grad[6] else None,
+        ]
+        return (*grads, None, None, None, None)
 
 
 def normed_linear(x: torch.Tensor, weight: torch.Tensor, *, center: bool, eps: float) -> torch.Tensor:

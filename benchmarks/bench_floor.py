@@ -22,7 +22,6 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -126,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| primitive | ms | copies |\n|---|---:|---:|")
     for k, v in prim.items():
         print(f"| {k} | {v:.3f} | {v / copy_ms:.1f} |")
-    print(f"\n| kind | target | budget ms / sublayer (copies) | connection extra ms / sublayer (copies) | "
-          f"implied step ×res | fused-kernel floor ×res |\n|---|---:|---:|---:|---:|---:|")
+    print("\n| kind | target | budget ms / sublayer (copies) | connection extra ms / sublayer (copies) | "
+          "implied step ×res | fused-kernel floor ×res |\n|---|---:|---:|---:|---:|---:|")
     floor = 1 + sublayers * FUSED_FLOOR_COPIES * copy_ms / step_ms
     rows = {}
     for kind in kinds:

@@ -183,3 +183,17 @@ def test_normed_linear_float32_offset_streams():
     ref = F.layer_norm(x64, (384,), eps=1e-6) @ W64.T
     out = normed_linear(x64.float(), W64.float(), center=True, eps=1e-6).double()
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+@pytest.mark.parametrize("kind,options", [(k, o) for k, o in CASES if k in ("dhc", "dfc")],
+                         ids=[f"{k}-{o}" for k, o in CASES if k in ("dhc", "dfc")])
+def test_fused_coefficients_match_plain(kind, options):
+    """coefficients(H) (what analysis and matrix() read) on the fused projection equals the plain norm-then-matmul."""
+    fast, plain = _pair(kind, 4, seed=5, **options)
+    H = torch.randn(2, 3, fast.num_streams, fast.stream_dim, dtype=torch.float64, requires_grad=True)
+    for a, b in zip(fast.coefficients(H), plain.coefficients(H)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    g_fast = torch.autograd.grad(sum(t.sum() for t in fast.coefficients(H)), [H, *fast.parameters()])
+    g_plain = torch.autograd.grad(sum(t.sum() for t in plain.coefficients(H)), [H, *plain.parameters()])
+    for a, b in zip(g_fast, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)

@@ -19,7 +19,6 @@ Init (HC Eq. 14 for sublayer k): ``B = 1``, ``A_m = e_{k mod n}``, ``A_r = I``. 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import FRAC_KINDS, Connection, WidthContext, _bmm, _sum_to
@@ -131,38 +130,34 @@ class HyperConnection(Connection):
         if not (self.dynamic and self.fused):
             return super().width(H)
         # Eqs. 10-13 and the width mix in one Function (see _DynamicWidth); same function as coefficients() + mix.
-        W = self.dynamic_weight.to(H.dtype)
-        norm, eps, center, bias = self.norm, None, False, None
-        if not isinstance(norm, nn.Identity):
-            if norm.weight is not None:
-                W = norm.weight.to(H.dtype).unsqueeze(-1) * W
-            center = isinstance(norm, nn.LayerNorm)
-            eps = norm.eps if norm.eps is not None else torch.finfo(H.dtype).eps
-            if getattr(norm, "bias", None) is not None:
-                bias = norm.bias.to(H.dtype) @ self.dynamic_weight.to(H.dtype)
+        weight, bias, center, eps = self._projection_operands(H)
         h_in, residual, beta = _DynamicWidth.apply(
-            H, W.t().contiguous(), bias, self.static_alpha, self.static_beta, self.dynamic_alpha_scale,
+            H, weight, bias, self.static_alpha, self.static_beta, self.dynamic_alpha_scale,
             self.dynamic_beta_scale, self.num_inputs, center, eps, self.use_tanh,
         )
         return h_in.flatten(-2), WidthContext(residual, beta)
 
     def _normed_projection(self, H: torch.Tensor) -> torch.Tensor:
-        """``norm(H) W`` with the norm applied after the matmul (same function, no normalised copy of the streams).
+        """``norm(H) W`` with the norm applied after the matmul (same function, no normalised copy of the streams)."""
+        weight, bias, center, eps = self._projection_operands(H)
+        proj = normed_linear(H, weight, center=center, eps=eps)
+        return proj if bias is None else proj + bias
 
-        LayerNorm: ``norm(H) W = rstd * (H W' - mu * 1^T W') + b W`` with ``W' = diag(gamma) W``; RMSNorm:
-        ``rstd * H W'``. Only per-stream statistics and the small projection are new tensors (see :func:`normed_linear`).
+    def _projection_operands(self, H: torch.Tensor):
+        """``(W'^T, b W, center, eps)`` such that ``norm(H) W = rstd * (H W' - mu 1^T W') + b W``.
+
+        ``W' = diag(gamma) W`` folds the norm's scale into the projection, ``(J, c)`` row-major (the fast layout for a
+        skinny matmul); ``center`` is False for RMSNorm (``mu = 0``) and ``eps`` None without a norm (``rstd = 1``).
         """
         W = self.dynamic_weight.to(H.dtype)
         norm = self.norm
         if isinstance(norm, nn.Identity):
-            return F.linear(H, W.t().contiguous())  # (J, c) weight: the fast matmul layout for forward and backward
-        weight = norm.weight
-        Wp = W if weight is None else weight.to(H.dtype).unsqueeze(-1) * W
-        if isinstance(norm, nn.LayerNorm):
-            proj = normed_linear(H, Wp.t().contiguous(), center=True, eps=norm.eps)
-            return proj if norm.bias is None else proj + norm.bias.to(H.dtype) @ W
+            return W.t().contiguous(), None, False, None
+        Wp = W if norm.weight is None else norm.weight.to(H.dtype).unsqueeze(-1) * W
         eps = norm.eps if norm.eps is not None else torch.finfo(H.dtype).eps
-        return normed_linear(H, Wp.t().contiguous(), center=False, eps=eps)
+        bias = getattr(norm, "bias", None)
+        bias = None if bias is None else bias.to(H.dtype) @ W
+        return Wp.t().contiguous(), bias, isinstance(norm, nn.LayerNorm), eps
 
     @torch.no_grad()
     def set_matrix(self, matrix: torch.Tensor) -> None:
@@ -318,9 +313,10 @@ class _DynamicWidth(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-def normed_linear(x: torch.Tensor, weight: torch.Tensor, *, center: bool, eps: float) -> torch.Tensor:
+def normed_linear(x: torch.Tensor, weight: torch.Tensor, *, center: bool, eps: float | None) -> torch.Tensor:
     """``norm(x) @ weight.T`` for a parameter-free LayerNorm (``center=True``) or RMSNorm over the last dim.
 
     ``weight`` is ``(J, c)``; fold a norm's affine scale into it beforehand (``diag(gamma) W``) and add ``b W`` after.
+    ``eps=None`` skips the norm (plain ``x @ weight.T`` with the same fast layouts).
     """
-    return _NormedLinear.apply(x, weight, bool(center), float(eps))
+    return _NormedLinear.apply(x, weight, bool(center), None if eps is None else float(eps))

@@ -197,3 +197,46 @@ def test_fused_coefficients_match_plain(kind, options):
     g_plain = torch.autograd.grad(sum(t.sum() for t in plain.coefficients(H)), [H, *plain.parameters()])
     for a, b in zip(g_fast, g_plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["static", "per-token"])
+@pytest.mark.parametrize("n,k", [(4, 1), (2, 1), (4, 4), (3, 3)])
+def test_cpu_mix_kernels_match_bmm(per_token, n, k, monkeypatch):
+    """The compiled CPU loops (connections/_kernels.py) against the bmm path they replace, float64 and float32."""
+    from hcvision.connections import _kernels
+    from hcvision.connections.base import _mix_product, _mix_product_backward
+
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        gen = torch.Generator().manual_seed(n * 10 + k)
+        H = torch.randn(3, 7, n, 20, generator=gen, dtype=dtype)
+        mix = torch.randn(*((3, 7) if per_token else ()), n, k + n, generator=gen, dtype=dtype)
+        g_in, g_res = torch.randn(3, 7, k, 20, generator=gen, dtype=dtype), torch.randn(3, 7, n, 20, generator=gen,
+                                                                                         dtype=dtype)
+        into = torch.randn(3, 7, n, 20, generator=gen, dtype=dtype)
+        assert _kernels.available(H, mix), "a C++ compiler and ninja are part of the supported set-up"
+        fast = (_mix_product(H, mix), *_mix_product_backward(H, mix, g_in, g_res, True, True),
+                _mix_product_backward(H, mix, g_in, g_res, True, False, grad_H=into.clone())[0])
+        with monkeypatch.context() as m:
+            m.setattr(_kernels, "available", lambda *a: False)
+            ref = (_mix_product(H, mix), *_mix_product_backward(H, mix, g_in, g_res, True, True),
+                   _mix_product_backward(H, mix, g_in, g_res, True, False, grad_H=into.clone())[0])
+        for a, b in zip(fast, ref):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kind", ["shc", "dhc", "mhc"])
+def test_depth_kernel_matches_bmm(kind, monkeypatch):
+    """HC depth backward (grad y, grad B in one pass over G) against the two bmm products, through a connection."""
+    from hcvision.connections import _kernels
+
+    fast, _ = _pair(kind, 4, seed=9)
+    H = torch.randn(2, 5, 4, DIM, dtype=torch.float64, requires_grad=True)
+    w1, w2 = _branch_params(3)
+    up = torch.randn(2, 5, 4, DIM, dtype=torch.float64)
+    out_k, g_k = _run(fast, H, w1, w2, up)
+    with monkeypatch.context() as m:
+        m.setattr(_kernels, "available", lambda *a: False)
+        out_b, g_b = _run(fast, H, w1, w2, up)
+    torch.testing.assert_close(out_k, out_b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_k, g_b):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)

@@ -26,6 +26,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
+from . import _kernels
+
 __all__ = [
     "KINDS",
     "HYPER_KINDS",
@@ -239,6 +241,32 @@ def _matrix_batch(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _mix_product(H: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """``mix^T H`` per token (Eqs. 3-4 in one product): ``(..., J, c)`` from H ``(..., n, c)`` and mix ``(n, J)`` or
+    ``(..., n, J)``. The compiled CPU loop when it applies (:mod:`._kernels`), else one ``bmm``."""
+    if _kernels.available(H, mix):
+        return _kernels.mix_forward(H, mix)
+    return _bmm(mix.transpose(-2, -1), H)
+
+
+def _mix_product_backward(H, mix, g_in, g_res, need_H: bool, need_mix: bool, grad_H: torch.Tensor | None = None):
+    """Gradients of :func:`_mix_product` for ``G = [g_in; g_res]``: ``(mix G, H G^T)`` (per token), ``None`` where not
+    needed; with ``grad_H`` given, ``mix G`` is added into it in place."""
+    if _kernels.available(H, mix):
+        return _kernels.mix_backward(H, mix, g_in.to(H.dtype), g_res.to(H.dtype), need_H=need_H, need_mix=need_mix,
+                                     grad_H=grad_H)
+    G = torch.cat([g_in, g_res], dim=-2)  # (..., k + n, c)
+    grad_mix = _bmm(H, G.transpose(-2, -1)) if need_mix else None
+    if need_H and grad_H is not None:
+        n, c, J = H.shape[-2], H.shape[-1], mix.shape[-1]
+        lead = torch.broadcast_shapes(H.shape[:-2], mix.shape[:-2])
+        grad_H.view(-1, n, c).baddbmm_(mix.to(grad_H.dtype).expand(*lead, n, J).reshape(-1, n, J),
+                                        G.to(grad_H.dtype).reshape(-1, J, c))
+    elif need_H:
+        grad_H = _bmm(mix, G)
+    return grad_H, grad_mix
+
+
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Reduce a per-token gradient to a (static) input's shape; no-op when the shapes agree."""
     if grad.shape == shape:
@@ -257,7 +285,7 @@ class _StreamMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, H: torch.Tensor, mix: torch.Tensor, k: int):
-        out = _bmm(mix.transpose(-2, -1), H)  # (..., k + n, c)
+        out = _mix_product(H, mix)  # (..., k + n, c)
         ctx.save_for_backward(H, mix)
         ctx.k = k
         # The branch input gets its own buffer: its first op (a LayerNorm) would copy a strided view in forward and
@@ -274,12 +302,11 @@ class _StreamMix(torch.autograd.Function):
             g_in = H.new_zeros(*lead, k, c)
         if g_res is None:
             g_res = H.new_zeros(*lead, n, c)
-        G = torch.cat([g_in, g_res], dim=-2)  # (..., k + n, c)
-        grad_H = grad_mix = None
-        if ctx.needs_input_grad[0]:
-            grad_H = _sum_to(_bmm(mix, G), H.shape).to(H.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_mix = _sum_to(_bmm(H, G.transpose(-2, -1)), mix.shape).to(mix.dtype)  # (..., n, k + n)
+        grad_H, grad_mix = _mix_product_backward(H, mix, g_in, g_res, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        if grad_H is not None:
+            grad_H = _sum_to(grad_H, H.shape).to(H.dtype)
+        if grad_mix is not None:
+            grad_mix = _sum_to(grad_mix, mix.shape).to(mix.dtype)  # (..., n, k + n)
         return grad_H, grad_mix, None
 
 
@@ -303,11 +330,23 @@ class _HCDepth(torch.autograd.Function):
         grad_res = grad_beta = grad_y = None
         if ctx.needs_input_grad[0]:
             grad_res = _sum_to(G, ctx.residual_shape).to(ctx.residual_dtype)
-        if ctx.needs_input_grad[1]:
+        need_beta, need_y = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if (need_beta or need_y) and _depth_kernel_applies(G, beta, y):
+            gy, gb = _kernels.depth_backward(G, beta.to(G.dtype), y.to(G.dtype), need_y=need_y, need_beta=need_beta)
+            grad_y = None if gy is None else _sum_to(gy, y.shape).to(y.dtype)
+            grad_beta = None if gb is None else _sum_to(gb, beta.shape).to(beta.dtype)
+            return grad_res, grad_beta, grad_y
+        if need_beta:
             grad_beta = _sum_to(_bmm(G, y.transpose(-2, -1)), beta.shape).to(beta.dtype)  # (..., n, 1)
-        if ctx.needs_input_grad[2]:
+        if need_y:
             grad_y = _sum_to(_bmm(beta.transpose(-2, -1), G), y.shape).to(y.dtype)  # (..., 1, c)
         return grad_res, grad_beta, grad_y
+
+
+def _depth_kernel_applies(G: torch.Tensor, beta: torch.Tensor, y: torch.Tensor) -> bool:
+    """The depth loop needs beta static ``(n, 1)`` or one per token of G, and y one row per token of G."""
+    lead = G.shape[:-2]
+    return (beta.dim() == 2 or beta.shape[:-2] == lead) and y.shape[:-2] == lead and _kernels.available(G, beta.to(G.dtype))
 
 
 def stream_mix(H: torch.Tensor, mix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import FRAC_KINDS, Connection, WidthContext, _bmm, _sum_to
+from .base import FRAC_KINDS, Connection, WidthContext, _sum_to, _mix_product, _mix_product_backward
 
 __all__ = ["ResidualConnection", "HyperConnection", "hc_init_matrix", "normed_linear"]
 
@@ -192,13 +192,21 @@ def _normed_linear_forward(x: torch.Tensor, weight: torch.Tensor, center: bool, 
     return proj, (xf, weight, mean, rstd, proj)
 
 
-def _normed_linear_backward(saved: tuple, grad_proj: torch.Tensor, need_x: bool, need_weight: bool):
-    """Gradients of :func:`_normed_linear_forward` for ``x`` (rows, c) and ``weight``, given ``grad_proj`` (rows, J)."""
+def _normed_linear_backward(saved: tuple, grad_proj: torch.Tensor, need_x: bool, need_weight: bool,
+                            grad_x_into: torch.Tensor | None = None):
+    """Gradients of :func:`_normed_linear_forward` for ``x`` (rows, c) and ``weight``, given ``grad_proj`` (rows, J).
+
+    With ``grad_x_into`` (rows, c) the gradient of ``x`` is added into it in place (``addmm_``) instead of written anew.
+    """
     xf, weight, mean, rstd, proj = saved
     c = xf.shape[-1]
     g = grad_proj.to(proj.dtype)
+
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.mm(a, b) if grad_x_into is None else grad_x_into.addmm_(a, b)
+
     if rstd is None:
-        grad_x = torch.mm(g, weight) if need_x else None
+        grad_x = matmul(g, weight) if need_x else None
         return grad_x, (torch.mm(g.t(), xf) if need_weight else None)
     rstd_c = rstd.to(proj.dtype).unsqueeze(-1)
     grad_u = g * rstd_c  # d/d(x W^T)
@@ -207,11 +215,11 @@ def _normed_linear_backward(saved: tuple, grad_proj: torch.Tensor, need_x: bool,
     grad_x = grad_weight = None
     if need_x:
         if mean is None:
-            grad_x = torch.mm(grad_u, weight)
+            grad_x = matmul(grad_u, weight)
         else:  # grad_u W + grad_mu / c, as one matmul over [grad_u | grad_mu / c] and [W ; 1]
             grad_mean = -(grad_u * weight.sum(-1).to(proj.dtype)).sum(-1, keepdim=True)
             grad_mean -= 2.0 * mean.to(proj.dtype).unsqueeze(-1) * grad_var
-            grad_x = torch.mm(torch.cat([grad_u, grad_mean / c], dim=-1), torch.cat([weight, weight.new_ones(1, c)]))
+            grad_x = matmul(torch.cat([grad_u, grad_mean / c], dim=-1), torch.cat([weight, weight.new_ones(1, c)]))
         grad_x.addcmul_(grad_var * (2.0 / c), xf)
     if need_weight:
         grad_weight = torch.mm(grad_u.t(), xf)  # (J, c): g^T x is the fast layout
@@ -272,7 +280,7 @@ class _DynamicWidth(torch.autograd.Function):
             t = (torch.tanh(proj) if use_tanh else proj).view(*H.shape[:-1], -1)  # (..., n, k + n + 1)
             alpha = torch.addcmul(static_alpha.to(dt), alpha_scale.to(dt), t[..., :-1])
             beta = torch.addcmul(static_beta.to(dt), beta_scale.to(dt), t[..., -1])
-            out = _bmm(alpha.transpose(-2, -1), H)
+            out = _mix_product(H, alpha)
         ctx.save_for_backward(H, alpha, t, alpha_scale, beta_scale, *saved[1:])
         ctx.k, ctx.use_tanh, ctx.has_bias = k, use_tanh, bias is not None
         ctx.dtypes = (weight.dtype, static_alpha.dtype, static_beta.dtype, alpha_scale.dtype, beta_scale.dtype)
@@ -287,19 +295,18 @@ class _DynamicWidth(torch.autograd.Function):
         g_in = H.new_zeros(*lead, k, c) if g_in is None else g_in.to(dt)
         g_res = H.new_zeros(*lead, n, c) if g_res is None else g_res.to(dt)
         g_beta = H.new_zeros(*lead, n) if g_beta is None else g_beta.to(dt)
-        G = torch.cat([g_in, g_res], dim=-2)  # (..., k + n, c)
-        grad_alpha = _bmm(H, G.transpose(-2, -1))  # (..., n, k + n)
+        # grad H = A [g_in; g_res] + (the projection's term, added in place); both from one pass over H and G
+        need_H = ctx.needs_input_grad[0]
+        grad_H, grad_alpha = _mix_product_backward(H, alpha, g_in, g_res, need_H, True)  # (..., n, c), (..., n, k + n)
         t_alpha, t_beta = t[..., :-1], t[..., -1]
         grad_t = torch.cat([grad_alpha * alpha_scale.to(dt), (g_beta * beta_scale.to(dt)).unsqueeze(-1)], dim=-1)
         grad_proj = grad_t * (1.0 - t * t) if ctx.use_tanh else grad_t
         grad_proj = grad_proj.reshape(proj.shape)
         xf = H.reshape(-1, c)
-        grad_H, grad_weight = _normed_linear_backward(
-            (xf, weight, mean, rstd, proj), grad_proj, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        _, grad_weight = _normed_linear_backward(
+            (xf, weight, mean, rstd, proj), grad_proj, need_H, ctx.needs_input_grad[1],
+            grad_x_into=None if grad_H is None else grad_H.view(-1, c),
         )
-        if grad_H is not None:  # (rows, c) from the projection, then + A [g_in; g_res] in place
-            grad_H.view(-1, n, c).baddbmm_(alpha.reshape(-1, n, k + n), G.reshape(-1, k + n, c))
-            grad_H = grad_H.view(H.shape)
         w_dt, a_dt, b_dt, sa_dt, sb_dt = ctx.dtypes
         grads = [
             grad_H,

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench_overhead import machine_info, time_interleaved, vit_workload  # noqa: E402
 
-from hcvision.connections import build_connection, expand_streams  # noqa: E402
+from hcvision.connections import _kernels, build_connection, expand_streams  # noqa: E402
 
 TARGETS = {"shc": 1.08, "dhc": 1.10, "dfc": 1.08, "mhc": 1.15}  # issue 7, ViT-S/16 b = 8, n = 4
 FUSED_FLOOR_COPIES = 3.0  # forward: read H twice, write H'; backward: read G and H, write grad H (each ~1/2 copy)
@@ -51,7 +51,7 @@ def primitives(M: int, n: int, C: int, compile_mix: bool) -> dict[str, callable]
     ops = {
         "copy of the streams (M, n, C)": lambda: H.clone(),
         "copy of a hidden state (M, C)": lambda: h.clone(),
-        "mix [h_in | R] = A^T H (bmm, 1 + n outputs)": lambda: torch.bmm(mix_t.expand(M, n + 1, n), H),
+        "mix [h_in | R] = A^T H (bmm, 1 + n outputs; the fallback)": lambda: torch.bmm(mix_t.expand(M, n + 1, n), H),
         "grad H = A [g_in; g_R] (bmm)": lambda: torch.bmm(mix.expand(M, n, n + 1), G),
         "grad A = H [g_in; g_R]^T (bmm)": lambda: torch.bmm(H, G.transpose(1, 2)),
         "cat [g_in; g_R]": lambda: torch.cat([y, H], dim=1),
@@ -65,6 +65,12 @@ def primitives(M: int, n: int, C: int, compile_mix: bool) -> dict[str, callable]
         "torch.var_mean over C (not used)": lambda: torch.var_mean(H, dim=-1, correction=0),
         "E[x^2] and E[x] over C (as used)": lambda: (torch.linalg.vector_norm(Hf, dim=-1), Hf.mean(-1)),
     }
+    if _kernels.available(H, mix):  # the CPU loops the eager path uses (connections/_kernels.py)
+        ops["mix as the CPU loop (as used)"] = lambda: _kernels.mix_forward(H, mix)
+        ops["mix backward: grad H and grad A in one CPU loop (as used)"] = lambda: _kernels.mix_backward(
+            H, mix, y, H, need_H=True, need_mix=True)
+        ops["depth backward: grad y and grad B in one CPU loop (as used)"] = lambda: _kernels.depth_backward(
+            H, beta, y, need_y=True, need_beta=True)
     if compile_mix:
         try:  # the same mix as one generated loop (what a fused kernel would do), if inductor works here
             loop = torch.compile(lambda H, m: (m[:, :, None] * H[:, :, None, :]).sum(1), dynamic=False)

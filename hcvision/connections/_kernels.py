@@ -1,11 +1,11 @@
 """CPU loops for the width mix (HC Eqs. 3-4) and its backward, compiled on first use; ``bmm`` is the fallback.
 
 Why: per token the mix is a ``(k + n) x n`` by ``n x c`` product with n = 2-4. MKL's batched GEMM runs such 4-long
-inner products at well under half of copy speed (``benchmarks/bench_floor.py``: 2.6 copies of the streams for the
-forward mix, 2.7 + 2.2 for its two backward products, 1.2 for stacking the incoming gradients). These loops read each
-operand once per token while it sits in L1: forward one pass over H, backward one pass over H and the two incoming
-gradients (no stacked copy) that writes grad H and the per-token grad of the mix together, and one pass over the
-depth step's incoming gradient for ``grad y`` and ``grad B`` (two ``bmm`` calls, 1.7 copies).
+inner products at well under half of copy speed (``benchmarks/bench_floor.py``, in copies of the n = 4 streams: about
+2.7 for the forward mix, 5-6 for its two backward products, 1.2 for stacking the incoming gradients, 1.6 for the depth
+step's two). These loops read each operand once per token while it sits in L1: forward one pass over H (1.7 copies),
+backward one pass over H and the two incoming gradients, unstacked, that writes grad H and the per-token grad of the mix
+together (3.6), and one pass over the depth step's incoming gradient for ``grad y`` and ``grad B`` (0.9).
 
 Built with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja; cached under
 ``TORCH_EXTENSIONS_DIR``). If the build fails, or ``HCV_CPU_KERNELS=0``, or inside ``torch.compile`` (which traces the

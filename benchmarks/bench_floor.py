@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in prim.items():
         print(f"| {k} | {v:.3f} | {v / copy_ms:.1f} |")
     print("\n| kind | target | budget ms / sublayer (copies) | connection extra ms / sublayer (copies) | "
-          "implied step ×res | fused-kernel floor ×res |\n|---|---:|---:|---:|---:|---:|")
+          f"implied step ×res | fused floor ({FUSED_FLOOR_COPIES:g} copies per sublayer) ×res |\n"
+          "|---|---:|---:|---:|---:|---:|")
     floor = 1 + sublayers * FUSED_FLOOR_COPIES * copy_ms / step_ms
     rows = {}
     for kind in kinds:

@@ -8,9 +8,9 @@ backward one pass over H and the two incoming gradients, unstacked, that writes 
 together (3.6), and one pass over the depth step's incoming gradient for ``grad y`` and ``grad B`` (0.9).
 
 Built with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja; cached under
-``TORCH_EXTENSIONS_DIR``). If the build fails, or ``HCV_CPU_KERNELS=0``, or inside ``torch.compile`` (which traces the
-``bmm`` path and generates its own code), every caller uses ``bmm``; tests/test_connections_fast.py checks both against
-the plain path.
+``TORCH_EXTENSIONS_DIR``). If the build fails, with ``HCV_CPU_KERNELS=0`` (or false / no / off), or inside
+``torch.compile`` (which traces the ``bmm`` path and generates its own code), every caller uses ``bmm``;
+tests/test_connections_fast.py checks both against the plain path.
 """
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def _load():
     global _module, _failed
     if _module is not None or _failed:
         return _module
-    if os.environ.get("HCV_CPU_KERNELS", "1") == "0":
+    if os.environ.get("HCV_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         _failed = True
         return None
     try:

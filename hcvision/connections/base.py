@@ -331,8 +331,9 @@ class _HCDepth(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_res = _sum_to(G, ctx.residual_shape).to(ctx.residual_dtype)
         need_beta, need_y = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        if (need_beta or need_y) and _depth_kernel_applies(G, beta, y):
-            gy, gb = _kernels.depth_backward(G, beta.to(G.dtype), y.to(G.dtype), need_y=need_y, need_beta=need_beta)
+        beta_g, y_g = beta.to(G.dtype), y.to(G.dtype)  # a bf16 y under autocast meets fp32 streams
+        if (need_beta or need_y) and _depth_kernel_applies(G, beta_g, y_g):
+            gy, gb = _kernels.depth_backward(G, beta_g, y_g, need_y=need_y, need_beta=need_beta)
             grad_y = None if gy is None else _sum_to(gy, y.shape).to(y.dtype)
             grad_beta = None if gb is None else _sum_to(gb, beta.shape).to(beta.dtype)
             return grad_res, grad_beta, grad_y
@@ -346,7 +347,7 @@ class _HCDepth(torch.autograd.Function):
 def _depth_kernel_applies(G: torch.Tensor, beta: torch.Tensor, y: torch.Tensor) -> bool:
     """The depth loop needs beta static ``(n, 1)`` or one per token of G, and y one row per token of G."""
     lead = G.shape[:-2]
-    return (beta.dim() == 2 or beta.shape[:-2] == lead) and y.shape[:-2] == lead and _kernels.available(G, beta.to(G.dtype))
+    return (beta.dim() == 2 or beta.shape[:-2] == lead) and y.shape[:-2] == lead and _kernels.available(G, beta)
 
 
 def stream_mix(H: torch.Tensor, mix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -321,11 +321,11 @@ def plot_curves(runs: List[Run], report: Dict[str, Any], out: Path) -> List[Path
 
     keys = ["train/loss"] + [k for k in CURVE_METRICS if any(k in r.curves for r in runs)]
     written: List[Path] = []
-    cmap = plt.get_cmap("tab20")
+    styles = _styles(report["variants"], {r.variant: r.kind for r in runs}, plt)
     for key in keys:
         fig, ax = plt.subplots(figsize=(8, 5))
-        drawn = 0
-        for i, v in enumerate(report["variants"]):
+        drawn, lo_hi = 0, [math.inf, -math.inf]
+        for v in report["variants"]:
             series = [dict(r.curves[key]) for r in runs if r.variant == v and key in r.curves]
             if not series:
                 continue
@@ -335,10 +335,12 @@ def plot_curves(runs: List[Run], report: Dict[str, Any], out: Path) -> List[Path
             vals = [[s[t] for s in series] for t in steps]
             mean = [sum(x) / len(x) for x in vals]
             std = [describe(x)["std"] if len(x) > 1 else 0.0 for x in vals]
-            color = cmap(i % 20)
-            ax.plot(steps, mean, color=color, lw=1.4, label=f"{v} (n={len(series)})")
+            color, ls = styles[v]
+            ax.plot(steps, mean, color=color, ls=ls, lw=1.4, marker="o" if len(steps) <= 30 else None, ms=3,
+                    label=f"{v} (n={len(series)})")
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=color, alpha=0.15, lw=0)
+                            color=color, alpha=0.12, lw=0)
+            lo_hi = [min(lo_hi[0], min(mean)), max(lo_hi[1], max(mean))]
             drawn += 1
         if not drawn:
             plt.close(fig)
@@ -346,7 +348,7 @@ def plot_curves(runs: List[Run], report: Dict[str, Any], out: Path) -> List[Path
         name = METRICS.get(key, (key,))[0] if key != "train/loss" else "train loss"
         ax.set_xlabel("optimiser step")
         ax.set_ylabel(name)
-        if key == "train/loss":
+        if key == "train/loss" and lo_hi[0] > 0 and lo_hi[1] / lo_hi[0] > 10:
             ax.set_yscale("log")
         if key == "top1":  # the interesting part is the top; the first epochs would flatten it
             lo = min(min(y for _, y in r.curves[key][len(r.curves[key]) // 3:]) for r in runs if key in r.curves)
@@ -361,6 +363,30 @@ def plot_curves(runs: List[Run], report: Dict[str, Any], out: Path) -> List[Path
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _styles(variants: List[str], kinds: Dict[str, str], plt: Any) -> Dict[str, Tuple[Any, str]]:
+    """Colour by connection family (res black), line style by rate (x2 solid, x4 dashed, ...); other grid values
+    cycle through tab10."""
+    families = ["shc", "dhc", "sfc", "dfc", "mhc"]
+    tab = plt.get_cmap("tab10")
+    dashes = ["-", "--", ":", "-."]
+    rates = sorted({int(m.group(2)) for k in kinds.values() if (m := re.fullmatch(r"([a-z]+)(\d+)", k or ""))})
+    out: Dict[str, Tuple[Any, str]] = {}
+    contexts: Dict[str, int] = {}
+    for v in variants:
+        contexts.setdefault(v[len(kinds.get(v, "")):].strip(), len(contexts))
+    for i, v in enumerate(variants):
+        k = kinds.get(v, "")
+        m = re.fullmatch(r"([a-z]+)(\d+)", k or "")
+        c_idx = contexts[v[len(k):].strip()]
+        if k == "res":
+            out[v] = ("black", dashes[c_idx % len(dashes)])
+        elif m and m.group(1) in families and len(contexts) == 1:
+            out[v] = (tab(families.index(m.group(1))), dashes[rates.index(int(m.group(2))) % len(dashes)])
+        else:
+            out[v] = (tab(i % 10), dashes[c_idx % len(dashes)])
+    return out
 
 
 def _json_safe(obj: Any) -> Any:

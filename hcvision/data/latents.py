@@ -37,7 +37,7 @@ import bisect
 import json
 import os
 import sys
-import tempfile
+
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..engine.checkpoint import write_json_atomic
+from ..io import save_safetensors, write_json
 
 __all__ = [
     "DEFAULT_VAE",
@@ -247,17 +247,8 @@ def _shard_is_done(path: Path, fingerprint: Dict[str, Any], start: int, stop: in
 
 
 def _save_shard(tensors: Dict[str, torch.Tensor], path: Path, fingerprint: Dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"settings": json.dumps(fingerprint)})
-        os.replace(tmp, path)  # atomic: a shard is either complete or absent
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # atomic: a shard is either complete or absent
+    save_safetensors(tensors, path, metadata={"settings": json.dumps(fingerprint)})
 
 
 @torch.no_grad()
@@ -385,7 +376,7 @@ def _finalize(out_dir: Path, bounds: List[Tuple[int, int]], fingerprint: Dict[st
     manifest = {**fingerprint, "mode": "pixels" if settings.pixel_mode else "vae", "views": int(views),
                 "sample_shape": [int(s) for s in sample_shape],
                 "shards": [{"file": f"{SHARD_DIR}/{_shard_name(a, b)}", "start": a, "stop": b} for a, b in bounds]}
-    write_json_atomic(manifest, out_dir / MANIFEST)
+    write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,9 +23,11 @@ from typing import Any, Dict, Literal, Optional, Sequence, Tuple, Type, TypeVar,
 
 import yaml
 
+from ..cli import UsageError
+from ..io import write_text
+
 __all__ = [
     "ConfigError",
-    "check_model_name",
     "BaseTrainConfig",
     "parse_config",
     "load_yaml",
@@ -42,7 +43,7 @@ LR_SCHEDULES = ("cosine", "constant")
 RESUME_HELP = "'' (start fresh), 'auto' (latest checkpoint in output_dir) or a checkpoint directory"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A user-facing configuration error; the message is one line and names the bad value."""
 
 
@@ -353,34 +354,4 @@ def config_to_dict(cfg: Any) -> Dict[str, Any]:
 
 def save_config(cfg: Any, path: Union[str, Path]) -> None:
     """Write the resolved config as YAML, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def check_model_name(name: str, family: str = "", what: str = "timm model") -> None:
-    """Raise ``ConfigError`` unless ``name`` is a registered timm model (of ``family``, a name prefix such as ``dit_``),
-    suggesting close names; ``what`` names the family in the message."""
-    import difflib
-
-    import timm
-
-    import hcvision  # noqa: F401  (registers the hcvision families)
-
-    if timm.is_model(name) and name.startswith(family):
-        return
-    names = timm.list_models(f"{family}*")
-    close = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
-    if not close:  # e.g. a typo in the size part: match on the family prefix instead
-        close = [n for n in names if n.startswith(name.split("_")[0] + "_")][:4]
-    hint = f"; close names: {', '.join(close)}" if close else "; see timm.list_models()"
-    raise ConfigError(f"model={name!r} is not a registered {what}{hint}")
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

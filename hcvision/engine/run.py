@@ -45,7 +45,6 @@ class Run:
         self.exit_code = 0
         self.model: Optional[torch.nn.Module] = None
         self.ema: Any = None
-        self._t0 = time.perf_counter()
         seed_everything(cfg.seed)  # same initial weights on every rank and for every rerun
 
     @property
@@ -94,9 +93,9 @@ class Run:
 
     def fit(self, trainer: Trainer) -> Optional[FitResult]:
         """Train; ``None`` when the run stopped early (non-finite loss, signal), with :attr:`exit_code` set."""
-        self._t0 = time.perf_counter()
+        t0 = time.perf_counter()
         result, self.exit_code = fit_to_exit_code(trainer, f"{self.name}.py")
-        self.result = result
+        self.result, self.train_seconds = result, time.perf_counter() - t0
         return None if self.exit_code else result
 
     # -- outputs -----------------------------------------------------------------------------------
@@ -122,7 +121,7 @@ class Run:
             "global_step": st.global_step,
             "images_seen": st.images_seen,
             "images_per_sec": round(self.result.images_per_sec, 2),
-            "train_seconds_this_session": round(time.perf_counter() - self._t0, 2),
+            "train_seconds_this_session": round(self.train_seconds, 2),
             "num_processes": self.acc.num_processes,
             "per_device_batch": self.batch_size,
             "mixed_precision": self.cfg.mixed_precision,

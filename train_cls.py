@@ -30,9 +30,8 @@ from torch.utils.data import DataLoader
 
 import hcvision  # noqa: F401  (registers the hcvision models with timm)
 from hcvision import io
-from hcvision.data import (DigitsDataset, SafeImageFolder, SeededTransformDataset, build_timm_transform,
-                           check_image_folder, collate_skip_bad)
-from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, train_main
+from hcvision.data import check_image_folder, classification_datasets, collate_skip_bad
+from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, require, train_main
 from hcvision.eval.classification import topk_hits
 
 TOPK = (1, 5)
@@ -67,46 +66,17 @@ class ClsConfig(BaseTrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        for key in ("mixup", "cutmix"):
-            v = getattr(self, key)
-            if v < 0:
-                raise ConfigError(f"{key}={v!r} is not valid; expected a number >= 0 (0 disables)")
-        if not 0.0 <= self.smoothing < 1.0:
-            raise ConfigError(f"smoothing={self.smoothing!r} is not valid; expected a number in [0, 1)")
-        if not 0.0 <= self.reprob <= 1.0:
-            raise ConfigError(f"reprob={self.reprob!r} is not valid; expected a probability in [0, 1]")
-        if self.img_size < 0 or self.eval_batch_size < 0:
-            bad = "img_size" if self.img_size < 0 else "eval_batch_size"
-            raise ConfigError(f"{bad}={getattr(self, bad)!r} is not valid; expected an integer >= 0 (0: default)")
+        require(self.mixup >= 0, "mixup", self.mixup, "a number >= 0 (0 disables)")
+        require(self.cutmix >= 0, "cutmix", self.cutmix, "a number >= 0 (0 disables)")
+        require(0.0 <= self.smoothing < 1.0, "smoothing", self.smoothing, "a number in [0, 1)")
+        require(0.0 <= self.reprob <= 1.0, "reprob", self.reprob, "a probability in [0, 1]")
+        require(self.img_size >= 0, "img_size", self.img_size, "an integer >= 0 (0: default)")
+        require(self.eval_batch_size >= 0, "eval_batch_size", self.eval_batch_size, "an integer >= 0 (0: default)")
         if self.eval_only and not self.checkpoint:
             raise ConfigError("eval_only=true needs checkpoint=PATH (a model.safetensors file or a run directory)")
         if self.checkpoint and not self.eval_only:
             raise ConfigError(f"checkpoint={self.checkpoint!r} is only used with eval_only=true; "
                               "to continue training use resume=auto or resume=DIR")
-
-
-def digits_collate(batch: Sequence[Tuple[torch.Tensor, int]]) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch]), 0
-
-
-def build_datasets(cfg: ClsConfig, model: torch.nn.Module) -> Tuple[Any, Any, int, Any]:
-    """(train set, val set, number of classes, collate_fn)."""
-    if not cfg.data_dir:
-        mean, std = model.pretrained_cfg.get("mean", (0.5,)), model.pretrained_cfg.get("std", (0.5,))
-        train = DigitsDataset("train", mean, std, augment=cfg.digits_augment, seed=cfg.seed)
-        val = DigitsDataset("val", mean, std)
-        return train, val, DigitsDataset.num_classes, digits_collate
-    root = Path(cfg.data_dir)
-    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-    in_chans = proj.in_channels if proj is not None else model.pretrained_cfg.get("input_size", (3,))[0]
-    t_train = build_timm_transform(model, True, img_size=cfg.img_size, auto_augment=cfg.auto_augment, reprob=cfg.reprob)
-    t_val = build_timm_transform(model, False, img_size=cfg.img_size)
-    train = SeededTransformDataset(SafeImageFolder(root / "train", t_train, in_chans=in_chans), seed=cfg.seed)
-    val = SafeImageFolder(root / "val", t_val, in_chans=in_chans)
-    if train.classes != val.classes:
-        raise ConfigError(f"data_dir={cfg.data_dir!r}: train/ has classes {train.classes[:5]}... but val/ has "
-                          f"{val.classes[:5]}...; both must hold the same class folders")
-    return train, val, len(train.classes), collate_skip_bad
 
 
 class ClsLoss:
@@ -217,7 +187,9 @@ def run(cfg: ClsConfig) -> int:
         check_image_folder(cfg.data_dir)
     with torch.device("meta"):  # only for its cfg (mean/std, input size, channels)
         meta_model = timm.create_model(cfg.model, **cfg.model_kwargs)
-    train_set, val_set, num_classes, collate = build_datasets(cfg, meta_model)
+    train_set, val_set, num_classes, collate = classification_datasets(
+        cfg.data_dir, meta_model, seed=cfg.seed, digits_augment=cfg.digits_augment, img_size=cfg.img_size,
+        auto_augment=cfg.auto_augment, reprob=cfg.reprob)
     kwargs = dict(cfg.model_kwargs)
     if int(kwargs.setdefault("num_classes", num_classes)) != num_classes:
         raise ConfigError(f"model_kwargs.num_classes={kwargs['num_classes']!r} does not match the "

@@ -27,14 +27,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import timm
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import hcvision  # noqa: F401  (registers the DiT family with timm)
-from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, train_main
+from hcvision.data.generative import diffusion_dataset, digits_pixels, sample_decoder
+from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, require, train_main
 
 SCHEDULERS = ("ddpm", "ddim", "dpmsolver++")
 
@@ -75,26 +76,18 @@ class DitConfig(BaseTrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ConfigError(f"class_dropout_prob={self.class_dropout_prob!r} is not valid; expected a number in "
-                              "[0, 1) (0 disables classifier-free guidance)")
-        if self.eval_samples < 0:
-            raise ConfigError(f"eval_samples={self.eval_samples!r} is not valid; expected an integer >= 0 (0 skips)")
-        if self.eval_scheduler not in SCHEDULERS:
-            raise ConfigError(f"eval_scheduler={self.eval_scheduler!r} is not valid; expected one of {SCHEDULERS}")
-        if not 1 <= self.eval_steps <= 1000:
-            raise ConfigError(f"eval_steps={self.eval_steps!r} is not valid; expected an integer in [1, 1000]")
-        if not (self.cfg_scale >= 0 and self.cfg_scale != float("inf")):
-            raise ConfigError(f"cfg_scale={self.cfg_scale!r} is not valid; expected a number >= 0 (1: no guidance)")
+        require(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob", self.class_dropout_prob,
+                "a number in [0, 1) (0 disables classifier-free guidance)")
+        require(self.eval_samples >= 0, "eval_samples", self.eval_samples, "an integer >= 0 (0 skips)")
+        require(self.eval_scheduler in SCHEDULERS, "eval_scheduler", self.eval_scheduler, f"one of {SCHEDULERS}")
+        require(1 <= self.eval_steps <= 1000, "eval_steps", self.eval_steps, "an integer in [1, 1000]")
+        require(0 <= self.cfg_scale < float("inf"), "cfg_scale", self.cfg_scale, "a number >= 0 (1: no guidance)")
+        require(self.guidance_channels >= 0, "guidance_channels", self.guidance_channels, "0 (auto) or k >= 1")
+        require(self.cpu_threads >= 0, "cpu_threads", self.cpu_threads, "an integer >= 0 (0: default)")
+        require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
         if self.cfg_scale != 1.0 and self.class_dropout_prob == 0.0 and self.eval_samples:
             raise ConfigError(f"cfg_scale={self.cfg_scale} needs label dropout (class_dropout_prob > 0) to train the "
                               "null class; set cfg_scale=1 or class_dropout_prob=0.1")
-        if self.guidance_channels < 0:
-            raise ConfigError(f"guidance_channels={self.guidance_channels!r} is not valid; expected 0 (auto) or k >= 1")
-        if self.cpu_threads < 0:
-            raise ConfigError(f"cpu_threads={self.cpu_threads!r} is not valid; expected an integer >= 0 (0: default)")
-        if self.eval_batch_size < 1:
-            raise ConfigError(f"eval_batch_size={self.eval_batch_size!r} is not valid; expected an integer >= 1")
 
 
 def digits_classifier_path(cfg: DitConfig) -> Path:
@@ -119,38 +112,9 @@ def digits_classifier_path(cfg: DitConfig) -> Path:
     return path
 
 
-def digits_pixels(split: str) -> Dataset:
-    """The digits split as ``(x in [-1, 1] of shape (1, 8, 8), label)``: the DiT digits cfg's mean = std = 0.5.
-
-    No shift augmentation: the model is scored against the unshifted held-out digits.
-    """
-    from hcvision.data import DigitsDataset
-
-    return DigitsDataset(split, mean=(0.5,), std=(0.5,), augment=False)
-
-
-def build_dataset(cfg: DitConfig) -> Tuple[Dataset, Tuple[int, ...], List[str], Dict[str, Any]]:
-    """(train set, sample shape (C, H, W), class names, data info)."""
-    if not cfg.data_dir:
-        ds = digits_pixels("train")
-        return ds, (1, 8, 8), list(ds.classes), {"mode": "pixels", "data": "digits"}
-    from hcvision.data.latents import LatentDataset, read_manifest
-
-    try:
-        manifest = read_manifest(cfg.data_dir)
-    except ValueError as e:
-        raise ConfigError(f"data_dir={cfg.data_dir!r}: {e}") from None
-    ds = LatentDataset(cfg.data_dir, seed=cfg.seed, hflip=cfg.hflip)
-    info = {"mode": manifest["mode"], "data": cfg.data_dir, "vae": manifest["vae"],
-            "scale_factor": manifest["scale_factor"]}
-    return ds, tuple(manifest["sample_shape"]), list(manifest["classes"]), info
-
-
 def check_model_fits(cfg: DitConfig, model_kwargs: Dict[str, Any], sample_shape: Tuple[int, ...],
                      num_classes: int) -> None:
     """The data's sample shape and class count must be what the model takes (checked on the meta device)."""
-    import timm
-
     declared = model_kwargs.get("num_classes")
     if declared is not None and int(declared) != num_classes:
         raise ConfigError(f"model_kwargs.num_classes={declared!r} does not match the {num_classes} classes of the data "
@@ -190,16 +154,6 @@ class DiffusionLoss:
         return loss, int(x.shape[0])
 
 
-def _decoder(cfg: DitConfig, info: Dict[str, Any], device: torch.device):
-    if info["mode"] == "pixels":
-        return None
-    from hcvision.data.latents import load_vae
-
-    vae = load_vae(cfg.vae or info["vae"], device)
-    scale = float(info["scale_factor"])
-    return lambda z: vae.decode(z.to(vae.dtype) / scale).sample
-
-
 def sample_and_score(cfg: DitConfig, accelerator: Any, model: torch.nn.Module, sample_shape: Tuple[int, ...],
                      num_classes: int, info: Dict[str, Any], classifier: Optional[Path]) -> Dict[str, Any]:
     """EMA samples -> grid, npz and metrics (metrics on the main process; collective call)."""
@@ -215,7 +169,7 @@ def sample_and_score(cfg: DitConfig, accelerator: Any, model: torch.nn.Module, s
     result = sample_to_dir(model, out, cfg.eval_samples, state=accelerator, sample_shape=sample_shape,
                            num_classes=num_classes, null_class=model.null_class, scheduler=cfg.eval_scheduler,
                            steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, guidance_channels=gc, seed=cfg.eval_seed,
-                           batch_size=cfg.eval_batch_size, decode=_decoder(cfg, info, accelerator.device),
+                           batch_size=cfg.eval_batch_size, decode=sample_decoder(info, cfg.vae, accelerator.device),
                            progress=cfg.progress_bar)
     model.train(was_training)
     metrics: Dict[str, Any] = {"sample_seconds": round(time.perf_counter() - t0, 2),
@@ -241,7 +195,7 @@ def sample_and_score(cfg: DitConfig, accelerator: Any, model: torch.nn.Module, s
 def run(cfg: DitConfig) -> int:
     """Train, sample and score as configured; returns the process exit code."""
     check_model_name(cfg.model, family="dit_", what="DiT")
-    train_set, sample_shape, classes, info = build_dataset(cfg)
+    train_set, sample_shape, classes, info = diffusion_dataset(cfg.data_dir, cfg.seed, cfg.hflip)
     num_classes = len(classes)
     kwargs = {**cfg.model_kwargs, "num_classes": num_classes, "class_dropout_prob": cfg.class_dropout_prob}
     check_model_fits(cfg, cfg.model_kwargs, sample_shape, num_classes)

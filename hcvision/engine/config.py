@@ -28,6 +28,7 @@ from ..io import write_text
 
 __all__ = [
     "ConfigError",
+    "require",
     "BaseTrainConfig",
     "parse_config",
     "load_yaml",
@@ -91,28 +92,28 @@ class BaseTrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values outside their accepted range."""
-        _require(bool(self.model), "model", self.model, "a timm model name")
-        _require(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        _require(self.max_steps >= 0, "max_steps", self.max_steps, "an integer >= 0 (0: no limit)")
-        _require(self.global_batch_size >= 1, "global_batch_size", self.global_batch_size, "an integer >= 1")
-        _require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
-        _require(self.lr > 0 and _finite(self.lr), "lr", self.lr, "a finite number > 0")
-        _require(all(0.0 <= b < 1.0 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)")
-        _require(self.eps > 0, "eps", self.eps, "a number > 0")
-        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        _require(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {LR_SCHEDULES}")
-        _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
-        _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"a number in [0, lr={self.lr}]")
-        _require(self.clip_grad >= 0, "clip_grad", self.clip_grad, "a number >= 0 (0 disables clipping)")
-        _require(self.mixed_precision in MIXED_PRECISION, "mixed_precision", self.mixed_precision,
+        require(bool(self.model), "model", self.model, "a timm model name")
+        require(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        require(self.max_steps >= 0, "max_steps", self.max_steps, "an integer >= 0 (0: no limit)")
+        require(self.global_batch_size >= 1, "global_batch_size", self.global_batch_size, "an integer >= 1")
+        require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
+        require(self.lr > 0 and _finite(self.lr), "lr", self.lr, "a finite number > 0")
+        require(all(0.0 <= b < 1.0 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)")
+        require(self.eps > 0, "eps", self.eps, "a number > 0")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        require(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {LR_SCHEDULES}")
+        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+        require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"a number in [0, lr={self.lr}]")
+        require(self.clip_grad >= 0, "clip_grad", self.clip_grad, "a number >= 0 (0 disables clipping)")
+        require(self.mixed_precision in MIXED_PRECISION, "mixed_precision", self.mixed_precision,
                  f"one of {MIXED_PRECISION}")
-        _require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
-        _require(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "a number in (0, 1)")
-        _require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
-        _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
-        _require(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
-        _require(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
-        _require(self.resume in ("", "auto") or os.path.isdir(self.resume), "resume", self.resume, RESUME_HELP)
+        require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        require(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "a number in (0, 1)")
+        require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        require(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
+        require(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
+        require(self.resume in ("", "auto") or os.path.isdir(self.resume), "resume", self.resume, RESUME_HELP)
         # The optimizer factory validates names itself, but only after the model was built: check early.
         from timm.optim import list_optimizers
 
@@ -125,7 +126,7 @@ def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
 
 
-def _require(ok: bool, key: str, value: Any, accepted: str) -> None:
+def require(ok: bool, key: str, value: Any, accepted: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not valid; expected {accepted}")
 

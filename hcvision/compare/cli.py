@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                           overrides=args.overrides, trainer=args.trainer, threads=args.threads)
     except SpecError as e:
         return _fail(str(e))
-    from ._io import write_json_atomic
+    from ..io import write_json
 
     command = _invocation(argv)
     record = {"command": command, "cwd": str(Path.cwd()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.emit:
         from .emit import emit_commands, emit_slurm
 
-        write_json_atomic(record, spec.out / "compare.json")
+        write_json(spec.out / "compare.json", record)
         paths = [emit_commands(spec)] if args.emit == "commands" else \
             emit_slurm(spec, parallel=args.slurm_parallel, options=args.slurm_option, time_limit=args.slurm_time)
         for p in paths:
@@ -100,7 +100,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .report import aggregate_command, write_report
     from .runner import run_cells
 
-    write_json_atomic(record, spec.out / "compare.json")
+    write_json(spec.out / "compare.json", record)
     t0 = time.perf_counter()
     outcome = run_cells(spec.cells, jobs=args.jobs, progress=not args.no_progress)
     elapsed = time.perf_counter() - t0

@@ -11,7 +11,7 @@ import shlex
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from ._io import write_json_atomic, write_text_atomic
+from ..io import write_json, write_text
 from .spec import Spec
 
 __all__ = ["emit_commands", "emit_slurm", "submitit_available"]
@@ -26,7 +26,7 @@ def _write_cells(spec: Spec) -> None:
     for c in spec.cells:
         path = c.run_dir / "cell.json"
         if not path.exists():
-            write_json_atomic(c.to_dict(), path)
+            write_json(path, c.to_dict())
 
 
 def emit_commands(spec: Spec) -> Path:
@@ -37,7 +37,8 @@ def emit_commands(spec: Spec) -> Path:
             f"# Then: python -m hcvision.compare aggregate {shlex.quote(str(spec.out / 'runs'))} --out "
             f"{shlex.quote(str(spec.out))}"]
     path = spec.out / "commands.sh"
-    write_text_atomic("\n".join(head + [c.shell_line for c in spec.cells]) + "\n", path, mode=0o755)
+    write_text(path, "\n".join(head + [c.shell_line for c in spec.cells]) + "\n")
+    path.chmod(0o755)
     return path
 
 
@@ -67,7 +68,8 @@ def emit_slurm(spec: Spec, *, parallel: int = 0, options: Sequence[str] = (), ti
            'cmd="${CMDS[$SLURM_ARRAY_TASK_ID]}"',
            'if [ "${DRY_RUN:-0}" = 1 ]; then printf "%s\\n" "$cmd"; else eval "$cmd"; fi']
     paths = [spec.out / "slurm_array.sbatch"]
-    write_text_atomic("\n".join(sb) + "\n", paths[0], mode=0o755)
+    write_text(paths[0], "\n".join(sb) + "\n")
+    paths[0].chmod(0o755)
     if submitit_available():
         paths.append(_emit_submitit(spec, parallel, options, time_limit))
     return paths
@@ -97,5 +99,6 @@ with executor.batch():
 print("submitted", len(jobs), "tasks:", jobs[0].job_id.split("_")[0] if jobs else "-")
 '''
     path = spec.out / "slurm_submitit.py"
-    write_text_atomic(text, path, mode=0o755)
+    write_text(path, text)
+    path.chmod(0o755)
     return path

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from ._io import write_json_atomic, write_text_atomic
+from ..io import write_json, write_text
 from .spec import MODEL_KIND_RE
 
 __all__ = ["Run", "collect_runs", "describe", "paired_difference", "holm", "build_report", "write_report",
@@ -420,8 +420,8 @@ def write_report(sources: Sequence[Path], out: Path, *, baseline: str = "res", p
     report["curves_data"] = {v: {r.seed: {k: r.curves.get(k) for k in ["train/loss", *CURVE_METRICS]
                                           if k in r.curves} for r in runs if r.variant == v}
                              for v in report["variants"]}
-    write_json_atomic(_json_safe(report), out / "summary.json")
-    write_text_atomic(text, out / "summary.md")
+    write_json(out / "summary.json", _json_safe(report))
+    write_text(out / "summary.md", text)
     return report
 
 

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 from tqdm.auto import tqdm
 
 from ..provenance import run_provenance
-from ._io import write_json_atomic
+from ..io import write_json
 from .spec import REPO, Cell
 
 __all__ = ["RunOutcome", "run_cells", "is_finished", "has_checkpoint"]
@@ -54,7 +54,7 @@ def _read_cell(run_dir: Path) -> dict:
         return {}
 
 
-def _start(cell: Cell, provenance: dict) -> subprocess.Popen:
+def _start(cell: Cell) -> subprocess.Popen:
     cell.run_dir.mkdir(parents=True, exist_ok=True)
     if not has_checkpoint(cell.run_dir):
         # Nothing to resume from: the trainer starts over and would append to an old history.
@@ -62,8 +62,8 @@ def _start(cell: Cell, provenance: dict) -> subprocess.Popen:
     record = _read_cell(cell.run_dir)
     attempts = record.get("attempts", [])
     attempts.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed": has_checkpoint(cell.run_dir),
-                     "provenance": provenance})
-    write_json_atomic({**cell.to_dict(), "attempts": attempts}, cell.run_dir / "cell.json")
+                     "provenance": run_provenance()})  # per attempt: the code may change between attempts
+    write_json(cell.run_dir / "cell.json", {**cell.to_dict(), "attempts": attempts})
     log = open(cell.run_dir / "train.log", "a")
     log.write(f"$ {cell.command}\n")
     log.flush()
@@ -81,7 +81,7 @@ def _finish(cell: Cell, proc: subprocess.Popen) -> None:
     if record.get("attempts"):
         record["attempts"][-1].update(wall_seconds=round(time.perf_counter() - proc._hcv_t0, 2),  # type: ignore
                                       returncode=proc.returncode)
-        write_json_atomic(record, cell.run_dir / "cell.json")
+        write_json(cell.run_dir / "cell.json", record)
 
 
 def run_cells(cells: List[Cell], jobs: int = 1, progress: bool = True, poll: float = 0.5) -> RunOutcome:
@@ -94,7 +94,6 @@ def run_cells(cells: List[Cell], jobs: int = 1, progress: bool = True, poll: flo
     todo: List[Cell] = []
     for c in cells:
         (outcome.skipped if is_finished(c.run_dir) else todo).append(c)
-    provenance = run_provenance()
     bar = tqdm(total=len(cells), initial=len(outcome.skipped), unit="run", desc="compare", dynamic_ncols=True,
                disable=not progress, smoothing=0.0)  # smoothing 0: ETA from the average run time of this session
     running: Dict[int, tuple] = {}
@@ -113,7 +112,7 @@ def run_cells(cells: List[Cell], jobs: int = 1, progress: bool = True, poll: flo
         while queue or running:
             while queue and len(running) < max(1, jobs) and stop["sig"] is None:
                 cell = queue.pop(0)
-                running[cell.index] = (cell, _start(cell, provenance))
+                running[cell.index] = (cell, _start(cell))
             time.sleep(poll)
             for idx, (cell, proc) in list(running.items()):
                 if proc.poll() is None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..cli import UsageError
+
 __all__ = ["SpecError", "Cell", "Spec", "build_spec", "parse_seeds", "parse_grid_arg", "KIND_HELP", "REPO"]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +31,7 @@ KIND_HELP = "res, or shc<n>, dhc<n>, sfc<n>, dfc<n>, mhc<n> with n >= 1 (e.g. re
 RESERVED = ("seed", "output_dir", "resume")
 
 
-class SpecError(ValueError):
+class SpecError(UsageError):
     """Bad comparison input; the message is one line naming the bad value and what is accepted."""
 
 

@@ -238,3 +238,25 @@ def test_bad_input_missing_config_and_sources(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse errors: exit 2, one line
         main(["run", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_dit_grid_and_fid_report(tmp_path, capsys):
+    """A DiT config goes to train_dit.py; its runs are reported by FID (lower is better) and cls_acc."""
+    spec = build_spec(str(REPO / "configs" / "dit" / "dit_digits_shc2.yaml"), out=str(tmp_path / "o"),
+                      kinds="res,shc2,mhc2", seeds="0-2")
+    assert spec.trainer == "dit" and len(spec.cells) == 9
+    assert all(c.argv[1].endswith("train_dit.py") for c in spec.cells)
+    assert [a for a in spec.cells[8].argv if a.startswith("model=")] == ["model=dit_digits_2_mhc2"]
+    fid = {("res", 0): 30.0, ("res", 1): 32.0, ("shc2", 0): 27.0, ("shc2", 1): 30.5}
+    for (kind, seed), f in fid.items():  # runs made elsewhere: only results.json, config.yaml, metrics.jsonl
+        d = tmp_path / "cluster" / f"job{kind}{seed}"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"model": f"dit_digits_2_{kind}", "fid": f, "cls_acc": 90.0 + seed}))
+        (d / "config.yaml").write_text(f"model: dit_digits_2_{kind}\nseed: {seed}\noutput_dir: {d}\nlr: 0.002\n")
+        (d / "metrics.jsonl").write_text('{"step": 50, "train/loss": 0.5}\n{"step": 100, "train/loss": 0.25}\n')
+    assert main(["aggregate", str(tmp_path / "cluster"), "--out", str(tmp_path / "rep")]) == 0
+    rep = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert rep["metrics"] == ["fid", "cls_acc", "final_loss"] and rep["higher_is_better"]["fid"] is False
+    assert rep["paired"]["fid"]["shc2"]["diffs"] == [-3.0, -1.5]
+    assert rep["table"]["res"]["metrics"]["final_loss"]["mean"] == 0.25
+    assert "(lower is better)" in (tmp_path / "rep" / "summary.md").read_text()

@@ -34,8 +34,10 @@ METRICS: Dict[str, Tuple[str, bool]] = {
     "top5": ("top-5 (%)", True),
     "fid": ("FID", False),
     "cls_acc": ("cls_acc (%)", True),
-    "final_loss": ("final train loss", False),
+    "final_loss": ("last train-batch loss", False),  # the last optimiser step's batch: noisy
 }
+#: metrics whose paired differences summary.md shows (summary.json has them for every metric)
+PAIRED_SHOWN = ("top1", "fid", "cls_acc", "final_loss")
 #: validation metrics that metrics.jsonl logs during training (curves)
 CURVE_METRICS = ("top1", "fid", "cls_acc")
 # keys that differ between runs of one comparison without defining a variant
@@ -289,16 +291,19 @@ def markdown(report: Dict[str, Any], *, regenerate: Sequence[str] = (), title: s
     pct = int(round(100 * report["level"]))
     for m in ms:
         diffs = report["paired"].get(m) or {}
-        if not diffs:
+        if not diffs or m not in PAIRED_SHOWN:
             continue
+        tested = sum(1 for d in diffs.values() if not math.isnan(d["p"]))
         better = "higher" if report["higher_is_better"][m] else "lower"
         lines += ["", f"Paired difference in {labels[m]} against the baseline on matched seeds ({better} is "
-                      f"better): mean, {pct}% t-interval, paired t-test p, Holm-adjusted p over {len(diffs)} "
-                      "comparisons.", ""]
+                      f"better): mean, {pct}% t-interval, paired t-test p, Holm-adjusted p over the {tested} "
+                      "comparisons with two or more pairs.", ""]
         lines += ["| variant − baseline | pairs | mean diff | " + f"{pct}% CI | p | p (Holm) | verdict |",
                   "|---|---|---|---|---|---|---|"]
         for v, d in diffs.items():
-            if d["significant_holm"]:
+            if d["n"] < 2:
+                verdict = "too few pairs"
+            elif d["significant_holm"]:
                 verdict = "**significant** (after Holm)"
             elif d["significant"]:
                 verdict = "CI excludes 0, not after Holm"
@@ -345,7 +350,7 @@ def plot_curves(runs: List[Run], report: Dict[str, Any], out: Path) -> List[Path
         if not drawn:
             plt.close(fig)
             continue
-        name = METRICS.get(key, (key,))[0] if key != "train/loss" else "train loss"
+        name = METRICS.get(key, (key,))[0] if key != "train/loss" else "train loss (logged batches)"
         ax.set_xlabel("optimiser step")
         ax.set_ylabel(name)
         if key == "train/loss" and lo_hi[0] > 0 and lo_hi[1] / lo_hi[0] > 10:

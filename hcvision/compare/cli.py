@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     outcome = run_cells(spec.cells, jobs=args.jobs, progress=not args.no_progress)
     elapsed = time.perf_counter() - t0
     runs_dir = spec.out / "runs"
-    regenerate = [command, aggregate_command([runs_dir], spec.out, args.baseline)]
+    regenerate = [command, aggregate_command([runs_dir], spec.out, args.baseline, args.title)]
     report = write_report([runs_dir], spec.out, baseline=args.baseline, plots=not args.no_plots,
                           regenerate=regenerate, title=args.title)
     print((spec.out / "summary.md").read_text())
@@ -142,7 +142,7 @@ def _aggregate(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 if cmd and cmd not in regenerate:
                     regenerate.append(cmd)
                 break
-    regenerate.append(aggregate_command(sources, Path(args.out), args.baseline))
+    regenerate.append(aggregate_command(sources, Path(args.out), args.baseline, args.title))
     write_report(sources, Path(args.out), baseline=args.baseline, plots=not args.no_plots, regenerate=regenerate,
                  title=args.title)
     print((Path(args.out) / "summary.md").read_text())

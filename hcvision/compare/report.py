@@ -318,7 +318,7 @@ def markdown(report: Dict[str, Any], *, regenerate: Sequence[str] = (), title: s
 
 
 def plot_curves(runs: List[Run], report: Dict[str, Any], out: Path) -> List[Path]:
-    """One PNG per curve key (train loss; the validation metric when logged): mean over seeds, band = ±1 std."""
+    """One PNG per curve key (train loss; the validation metric when logged): mean over seeds, band = min..max."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -339,12 +339,11 @@ def plot_curves(runs: List[Run], report: Dict[str, Any], out: Path) -> List[Path
                 continue
             vals = [[s[t] for s in series] for t in steps]
             mean = [sum(x) / len(x) for x in vals]
-            std = [describe(x)["std"] if len(x) > 1 else 0.0 for x in vals]
             color, ls = styles[v]
             ax.plot(steps, mean, color=color, ls=ls, lw=1.4, marker="o" if len(steps) <= 30 else None, ms=3,
                     label=f"{v} (n={len(series)})")
-            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=color, alpha=0.12, lw=0)
+            # min..max over seeds: never below 0, so it stays drawable on the loss's log scale
+            ax.fill_between(steps, [min(x) for x in vals], [max(x) for x in vals], color=color, alpha=0.12, lw=0)
             lo_hi = [min(lo_hi[0], min(mean)), max(lo_hi[1], max(mean))]
             drawn += 1
         if not drawn:
@@ -358,7 +357,7 @@ def plot_curves(runs: List[Run], report: Dict[str, Any], out: Path) -> List[Path
         if key == "top1":  # the interesting part is the top; the first epochs would flatten it
             lo = min(min(y for _, y in r.curves[key][len(r.curves[key]) // 3:]) for r in runs if key in r.curves)
             ax.set_ylim(max(0.0, lo - 2.0), 100.5)
-        ax.set_title(f"{name}: mean over seeds, band ±1 std")
+        ax.set_title(f"{name}: mean over seeds, band min..max over seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         path = out / f"curves_{re.sub(r'[^A-Za-z0-9]+', '_', key).strip('_')}.png"
@@ -430,9 +429,11 @@ def write_report(sources: Sequence[Path], out: Path, *, baseline: str = "res", p
     return report
 
 
-def aggregate_command(sources: Sequence[Path], out: Path, baseline: str) -> str:
+def aggregate_command(sources: Sequence[Path], out: Path, baseline: str, title: str = "Comparison") -> str:
     """The command line that rebuilds the report from the run directories."""
     args = ["python", "-m", "hcvision.compare", "aggregate", *map(str, sources), "--out", str(out)]
     if baseline != "res":
         args += ["--baseline", baseline]
+    if title != "Comparison":
+        args += ["--title", title]
     return shlex.join(args)

@@ -180,13 +180,25 @@ def load_for_eval(cfg: ClsConfig, model: torch.nn.Module, num_classes: int) -> s
     return str(path)
 
 
+def check_input_size(model: torch.nn.Module, name: str, img_size: int) -> None:
+    """An ``img_size`` the model cannot take is an error now, not after outputs were written mid-training."""
+    embed = getattr(model, "patch_embed", None)
+    fixed = tuple(getattr(embed, "img_size", None) or ())
+    if img_size and fixed and getattr(embed, "strict_img_size", True) and not getattr(embed, "dynamic_img_size", False) \
+            and (img_size, img_size) != fixed:
+        raise ConfigError(f"img_size={img_size} does not fit model={name!r}, "
+                          f"which takes {fixed[0]}x{fixed[1]} images; accepted: img_size=0 (the model's size), "
+                          f"img_size={fixed[0]}, or model_kwargs.img_size={img_size} / model_kwargs.dynamic_img_size=true")
+
+
 def run(cfg: ClsConfig) -> int:
     """Train (or evaluate) as configured; returns the process exit code."""
     check_model_name(cfg.model)
     if cfg.data_dir:
         check_image_folder(cfg.data_dir)
-    with torch.device("meta"):  # only for its cfg (mean/std, input size, channels)
-        meta_model = timm.create_model(cfg.model, **cfg.model_kwargs)
+    meta_model = io.create_model(cfg.model, cfg.model_kwargs, meta=True)  # for its cfg: mean/std, size, channels
+    if cfg.data_dir:
+        check_input_size(meta_model, cfg.model, cfg.img_size)
     train_set, val_set, num_classes, collate = classification_datasets(
         cfg.data_dir, meta_model, seed=cfg.seed, digits_augment=cfg.digits_augment, img_size=cfg.img_size,
         auto_augment=cfg.auto_augment, reprob=cfg.reprob)
@@ -219,6 +231,9 @@ def run(cfg: ClsConfig) -> int:
         metrics = result.eval_metrics or evaluate_with_ema(run.model, run.ema and run.ema.module,
                                                            run.eval_loaders[0], run.acc)
         skipped = int(run.acc.reduce(torch.tensor([loss_fn.skipped], device=run.acc.device), reduction="sum"))
+        if result.state.images_seen == 0:
+            raise ConfigError(f"no training image of data_dir={cfg.data_dir!r} could be read ({skipped} skipped); "
+                              "nothing was trained and no weights or results are written")
         run.save_weights({"model": cfg.model, "model_kwargs": json.dumps(kwargs), "top1": f"{metrics['top1']:.4f}"})
         run.write_results({
             "model": cfg.model, "model_kwargs": kwargs, "params": sum(p.numel() for p in run.unwrapped.parameters()),

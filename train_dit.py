@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import hcvision  # noqa: F401  (registers the DiT family with timm)
+from hcvision import io
 from hcvision.data.generative import diffusion_dataset, digits_pixels, sample_decoder
 from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, require, train_main
 
@@ -119,8 +120,7 @@ def check_model_fits(cfg: DitConfig, model_kwargs: Dict[str, Any], sample_shape:
     if declared is not None and int(declared) != num_classes:
         raise ConfigError(f"model_kwargs.num_classes={declared!r} does not match the {num_classes} classes of the data "
                           f"(class ids 0..{num_classes - 1}); drop it or use matching data")
-    with torch.device("meta"):
-        model = timm.create_model(cfg.model, **{**model_kwargs, "num_classes": num_classes})
+    model = io.create_model(cfg.model, {**model_kwargs, "num_classes": num_classes}, meta=True)
     takes = (model.in_chans, *model.input_size)
     if tuple(sample_shape) != takes:
         raise ConfigError(

@@ -36,6 +36,8 @@ def classification_datasets(data_dir: str, model: torch.nn.Module, *, seed: int 
     t_val = build_timm_transform(model, False, img_size=img_size)
     train = SeededTransformDataset(SafeImageFolder(root / "train", t_train, in_chans=in_chans), seed=seed)
     val = SafeImageFolder(root / "val", t_val, in_chans=in_chans)
+    train.dataset.check_readable()
+    val.check_readable()
     if train.classes != val.classes:
         raise UsageError(f"data_dir={data_dir!r}: train/ has classes {train.classes[:5]}... but val/ has "
                          f"{val.classes[:5]}...; both must hold the same class folders")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..cli import UsageError
 
@@ -52,7 +53,27 @@ class SafeImageFolder(ImageFolder):
     """
 
     def __init__(self, root: Union[str, Path], transform: Optional[Callable] = None, in_chans: int = 3) -> None:
-        super().__init__(str(root), transform=transform, loader=partial(pil_loader, mode="L" if in_chans == 1 else "RGB"))
+        try:
+            super().__init__(str(root), transform=transform,
+                             loader=partial(pil_loader, mode="L" if in_chans == 1 else "RGB"))
+        except FileNotFoundError as e:  # a class folder without images (torchvision names it)
+            raise UsageError(f"{str(root)!r}: {str(e).splitlines()[0]}; accepted: every class folder holds images "
+                             f"with an extension in {', '.join(IMG_EXTENSIONS)}") from None
+
+    def check_readable(self, probe: int = 16) -> None:
+        """Fail before training unless some of the first ``probe`` images (spread over the set) can be decoded."""
+        if not self.samples:
+            raise UsageError(f"{self.root!r} holds no images")
+        step = max(1, len(self.samples) // probe)
+        paths = [self.samples[i][0] for i in range(0, len(self.samples), step)][:probe]
+        for path in paths:
+            try:
+                self.loader(path)
+                return
+            except Exception:  # PIL raises many types for unreadable files
+                continue
+        raise UsageError(f"{self.root!r}: none of {len(paths)} probed images could be decoded (e.g. {paths[0]!r}); "
+                         "accepted: image files PIL can read")
 
     def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
         path, target = self.samples[index]

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.data_loader import skip_first_batches
 
+from .. import io
 from .accel import reseed_for_step
 from .checkpoint import CheckpointManager, TrainState
 from .config import BaseTrainConfig
@@ -253,6 +254,7 @@ class Trainer:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     st.global_step += 1
+                    io.failpoint("train.step")
                     if self.ema is not None:
                         self.ema.update(acc.unwrap_model(self.model), step=st.global_step)
                     last_loss = sum(running) / len(running)

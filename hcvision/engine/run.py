@@ -57,16 +57,20 @@ class Run:
 
     def _check_launch(self) -> None:
         """Say how many processes run and with which per-device batch; warn when a launcher asked for more."""
-        asked = int(os.environ.get("ACCELERATE_NUM_PROCESSES", os.environ.get("WORLD_SIZE", "1")) or 1)
-        n = self.acc.num_processes
-        if self.is_main:
-            print(f"{self.name}: {n} process(es) on {self.acc.device.type}, per-device batch {self.batch_size} "
-                  f"x {self.cfg.grad_accum_steps} accumulation = global batch {self.cfg.global_batch_size}",
+        n, env = self.acc.num_processes, os.environ
+        asked = int(env.get("WORLD_SIZE", "1") or 1)
+        # accelerate's simple launcher (used for --cpu and MULTI_CPU configs without a hostfile) sets MASTER_ADDR
+        # when asked for several processes, but starts just one and no WORLD_SIZE.
+        lone = "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+        if not self.is_main:
+            return
+        print(f"{self.name}: {n} process(es) on {self.acc.device.type}, per-device batch {self.batch_size} "
+              f"x {self.cfg.grad_accum_steps} accumulation = global batch {self.cfg.global_batch_size}",
+              file=sys.stderr, flush=True)
+        if asked > n or (lone and n == 1):
+            print(f"{self.name}: warning: the launcher asked for {asked if asked > n else 'several'} processes but {n} "
+                  "started (accelerate launch --cpu starts one); for CPU processes use torchrun --nproc_per_node N",
                   file=sys.stderr, flush=True)
-            if asked > n:
-                print(f"{self.name}: warning: the launcher asked for {asked} processes but {n} started (accelerate "
-                      "launch --cpu starts one; use torchrun --nproc_per_node N for CPU processes)", file=sys.stderr,
-                      flush=True)
 
     # -- set-up ------------------------------------------------------------------------------------
     def trainer(self, model: torch.nn.Module, train_loader: Any, loss_fn: Callable, *, evaluate_fn: Any = None,

@@ -315,3 +315,57 @@ def test_sampling_metadata_round_trip_and_errors():
                        ("guidance_interval", "[0.9, 0.1]"), ("guidance_channels", "three")]:
         with pytest.raises(UsageError, match=rf"f.safetensors: metadata {key}="):
             read_sampling_metadata({key: value}, "f.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------ configs
+# Keys train_dit.py does not have yet: the lead adds them when wiring the flow objective, samplers and REPA.
+NEW_TRAINER_KEYS = {"objective", "time_sampling", "guidance_interval", "repa_weight", "repa_block", "repa_encoder",
+                    "repa_encoder_model", "repa_projector_dim"}
+
+
+def test_sit_and_repa_configs_follow_the_papers_and_build_on_meta():
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    import timm
+    import yaml
+
+    import hcvision.models.dit  # noqa: F401
+    from hcvision.diffusion.repa import RepaProjector
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo))
+    import train_dit
+
+    known = {f.name for f in dataclasses.fields(train_dit.DitConfig)} | NEW_TRAINER_KEYS
+    cfgs = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((repo / "configs" / "dit" / "flow").glob("*.yaml"))}
+    assert set(cfgs) == {"sit_xl_2_res", "sit_xl_2_shc2", "sit_b_2_res", "sit_b_2_shc2", "sit_xl_2_shc2_repa"}
+    for name, cfg in cfgs.items():
+        assert set(cfg) <= known, (name, set(cfg) - known)
+        assert (cfg["global_batch_size"], cfg["lr"], cfg["weight_decay"], cfg["ema_decay"], cfg["opt"]) == \
+            (256, 1e-4, 0.0, 0.9999, "adamw"), name
+        assert cfg["objective"] == "flow" and cfg["time_sampling"] == "uniform" and cfg["class_dropout_prob"] == 0.1
+        assert cfg["eval_scheduler"] == "sde" and cfg["eval_steps"] == 250
+        assert cfg["model_kwargs"] == {"qk_norm": False, "learn_sigma": False}
+        make_objective(cfg["objective"], time_sampling=cfg["time_sampling"])
+        sampling_metadata(cfg["objective"], sampler=cfg["eval_scheduler"], guidance_interval=cfg["guidance_interval"])
+    assert cfgs["sit_xl_2_res"]["max_steps"] == 7_000_000 and cfgs["sit_b_2_res"]["max_steps"] == 400_000
+    assert cfgs["sit_xl_2_res"]["cfg_scale"] == 1.5 and cfgs["sit_xl_2_res"]["clip_grad"] == 0.0
+    repa = cfgs["sit_xl_2_shc2_repa"]
+    assert (repa["repa_weight"], repa["repa_block"], repa["cfg_scale"], repa["guidance_interval"], repa["max_steps"],
+            repa["clip_grad"], repa["mixed_precision"]) == (0.5, 8, 1.8, [0.0, 0.7], 4_000_000, 1.0, "fp16")
+
+    with torch.device("meta"):
+        counts = {n: sum(p.numel() for p in timm.create_model(c["model"], **c["model_kwargs"]).parameters())
+                  for n, c in cfgs.items() if not n.endswith("repa")}
+        xl = timm.create_model(repa["model"], **repa["model_kwargs"])
+        proj = RepaProjector(xl.embed_dim, 768, repa["repa_projector_dim"])  # DINOv2-B/14: 768-d patch features
+    assert counts["sit_xl_2_res"] == pytest.approx(675e6, rel=0.01)  # SiT-XL/2 = DiT-XL/2: 675M
+    assert counts["sit_b_2_res"] == pytest.approx(130e6, rel=0.01)  # SiT-B/2: 130M
+    for size in ("xl", "b"):
+        extra = counts[f"sit_{size}_2_shc2"] - counts[f"sit_{size}_2_res"]
+        assert 0 < extra < 1e-4 * counts[f"sit_{size}_2_res"]  # SHC: n(n+2) = 8 per connection
+    assert len(xl.blocks) == 28 and xl.grid_size == (16, 16)  # 256 tokens = DINOv2-B/14's grid at 224 px
+    n_proj = sum(p.numel() for p in proj.parameters())
+    assert n_proj == 1152 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 768 + 768  # REPA's 3-layer MLP

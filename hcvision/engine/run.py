@@ -22,6 +22,7 @@ import torch
 
 from .. import io
 from ..cli import run_cli
+from ..provenance import run_provenance
 from .accel import build_accelerator, per_device_batch_size, release_accelerator, seed_everything
 from .checkpoint import CheckpointManager, check_output_dir, validate_resume
 from .config import BaseTrainConfig, ConfigError, config_to_dict, parse_config, save_config
@@ -43,6 +44,8 @@ class Run:
         self.acc = build_accelerator(cfg, log_with_tensorboard=tensorboard if writes else False)
         self.batch_size = per_device_batch_size(cfg.global_batch_size, self.acc.num_processes, cfg.grad_accum_steps)
         self.exit_code = 0
+        self.provenance = {**run_provenance(), "seed": cfg.seed, "num_processes": self.acc.num_processes,
+                           "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]]}
         self.model: Optional[torch.nn.Module] = None
         self.ema: Any = None
         seed_everything(cfg.seed)  # same initial weights on every rank and for every rerun
@@ -87,6 +90,7 @@ class Run:
         self.model, self.eval_loaders = model, eval_loaders
         if self.is_main:  # from here on the run writes into output_dir
             save_config(cfg, self.out / "config.yaml")
+            io.write_json(self.out / "provenance.json", self.provenance)
         acc.init_trackers(self.name, config={k: v for k, v in config_to_dict(cfg).items()
                                              if isinstance(v, (int, float, str, bool))})
         trainer = Trainer(cfg, acc, model, optimizer, train_loader, loss_fn, ema=self.ema, evaluate_fn=evaluate_fn)
@@ -129,6 +133,7 @@ class Run:
             "num_processes": self.acc.num_processes,
             "per_device_batch": self.batch_size,
             "mixed_precision": self.cfg.mixed_precision,
+            "provenance": self.provenance,
         }
         numeric = {f"final/{k}": v for k, v in results.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}

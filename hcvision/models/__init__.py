@@ -8,6 +8,7 @@ import torch
 from . import dit, vit  # noqa: F401
 from .convert import dit_checkpoint_filter_fn, vit_checkpoint_filter_fn
 from .dit import DIT_MODEL_NAMES, HCDiT  # noqa: F401
+from .hub import hub_model_args, save_pretrained  # noqa: F401
 from .vit import VIT_MODEL_NAMES, HCVisionTransformer  # noqa: F401
 
 

@@ -32,7 +32,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from ..cli import UsageError
 from ..io import PathLike
-from .dinov2 import DINOV2_EXTRACTOR
+from .dinov2 import DINOV2_EXTRACTOR, resolve_dinov2_weights
 from .features import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, SPATIAL_FEATURE, class_accuracy
 from .npz import (
     FeatureStats,
@@ -295,20 +295,17 @@ class _Extractor:
 
 @dataclass
 class _Extractors:
-    main: _Extractor
+    main: Optional[_Extractor]  # None when only FD-DINOv2 is asked for
     dinov2: Optional[_Extractor] = None
 
     def sha256s(self) -> dict[str, str]:
-        out = {self.main.name: self.main.weights_sha256}
-        if self.dinov2 is not None:
-            out[self.dinov2.name] = self.dinov2.weights_sha256
-        return out
+        return {e.name: e.weights_sha256 for e in (self.main, self.dinov2) if e is not None}
 
 
 def _make_extractors(feature_extractor: str, weights_path: Optional[PathLike], device: Any,
                      batch_size: Optional[int], need_logits: bool, verbose: bool, model_name: Optional[str], *,
                      sfid: bool = False, fd_dinov2: bool = False, dinov2_weights: Optional[PathLike] = None,
-                     dinov2_model: Optional[str] = None) -> _Extractors:
+                     dinov2_model: Optional[str] = None, need_main: bool = True) -> _Extractors:
     name = _canonical_extractor(feature_extractor)
     _check_batch_size(batch_size)
     if sfid and name != INCEPTION_EXTRACTOR:
@@ -325,8 +322,12 @@ def _make_extractors(feature_extractor: str, weights_path: Optional[PathLike], d
         layers["sfid"] = SPATIAL_FEATURE
     dev = _parse_device(device)
     bs = batch_size or DEFAULT_BATCH_SIZE
-    extra = {"digits_model_name": model_name} if name == DIGITS_EXTRACTOR and model_name else {}
-    main = _Extractor(name, layers, weights_path, dev, bs, verbose, extra)
+    if fd_dinov2:  # the cheap check of a missing file before the slow load of another extractor
+        dinov2_weights = resolve_dinov2_weights(dinov2_weights)
+    main = None
+    if need_main:
+        extra = {"digits_model_name": model_name} if name == DIGITS_EXTRACTOR and model_name else {}
+        main = _Extractor(name, layers, weights_path, dev, bs, verbose, extra)
     dino = None
     if fd_dinov2:
         dino = _Extractor(DINOV2_EXTRACTOR, {"fid": "cls"}, dinov2_weights, dev, bs, verbose,
@@ -335,16 +336,22 @@ def _make_extractors(feature_extractor: str, weights_path: Optional[PathLike], d
 
 
 def _compute(ex: _Extractors, dataset: Dataset, *, keep_features: bool) -> FeatureStats:
-    """Every requested feature set of one image set: one pass per extractor."""
-    feats = ex.main.features(dataset)
+    """Every requested feature set of one image set: one pass per extractor. Without a main extractor (FD-DINOv2
+    alone) the DINOv2 statistics are also the main ones."""
+    dino = None
+    if ex.dinov2 is not None:
+        d = ex.dinov2
+        dino = _moments(d.features(dataset)["cls"], d.name, d.weights_sha256, False)
+    if ex.main is None:
+        return FeatureStats(dino.mu, dino.sigma, dino.feature_extractor, dino.weights_sha256, dino.num_samples,
+                            dinov2=dino)
     m = ex.main
+    feats = m.features(dataset)
     stats = _moments(feats[m.layers["fid"]], m.name, m.weights_sha256, keep_features,
                      feats.get(m.layers["isc"]) if "isc" in m.layers else None)
     if "sfid" in m.layers:
         stats.spatial = _moments(feats[SPATIAL_FEATURE], f"{m.name}:{SPATIAL_FEATURE}", m.weights_sha256, False)
-    if ex.dinov2 is not None:
-        d = ex.dinov2
-        stats.dinov2 = _moments(d.features(dataset)["cls"], d.name, d.weights_sha256, False)
+    stats.dinov2 = dino
     return stats
 
 
@@ -485,13 +492,16 @@ def evaluate_generative(
     if ref_in is not None:
         _check_stats_content(ref_in, "ref", features=prc or kid, logits=False, spatial=sfid, dinov2=fd_dinov2)
     # 2) weights: every extractor is built (and its file validated) before any image is processed
+    need_main = fid or isc or prc or kid or sfid or want_acc or save_ref_stats is not None
     ex = _make_extractors(name, weights_path, device, batch_size, isc or want_acc, verbose, model_name, sfid=sfid,
-                          fd_dinov2=fd_dinov2, dinov2_weights=dinov2_weights, dinov2_model=dinov2_model)
+                          fd_dinov2=fd_dinov2, dinov2_weights=dinov2_weights, dinov2_model=dinov2_model,
+                          need_main=need_main)
     if want_acc:
         _check_labels(labels, gen_in.num_samples, getattr(ex.main.module, "num_classes", None))
     for inp in (gen_in, ref_in):
         if inp is not None and inp.stats is not None:
-            ex.main.check(inp.stats, inp.description)
+            if ex.main is not None:
+                ex.main.check(inp.stats, inp.description)
             if sfid:
                 ex.main.check(inp.stats.spatial, inp.description, "sFID")
             if fd_dinov2:

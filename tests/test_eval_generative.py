@@ -44,7 +44,8 @@ from hcvision.eval import (
     save_stats,
 )
 from hcvision.eval.features import INCEPTION_URL, inception_reference_shapes, validate_inception_state_dict
-from hcvision.eval.generative import UInt8ImageDataset, main
+from hcvision.eval.generative import main
+from hcvision.eval.metrics import UInt8ImageDataset
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 12  # InceptionV3 at 299 px costs ~0.25 s per image on 2 idle CPU cores
@@ -183,7 +184,7 @@ def test_bad_inputs_are_named(tmp_path):
     np.savez(tmp_path / "other.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="arr_0"):
         load_npz_samples(tmp_path / "other.npz")
-    imgs = np.zeros((4, 8, 8, 3), np.uint8)
+    imgs = np.zeros((10, 8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match="vgg16"):
         generative_metrics(imgs, imgs, feature_extractor="vgg16")
     with pytest.raises(ValueError, match="neither an image folder nor an .npz"):
@@ -224,7 +225,7 @@ def test_offline_without_weights_gives_instructions(tmp_path, monkeypatch):
         raise URLError("[Errno 101] Network is unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    imgs = np.zeros((4, 8, 8, 3), np.uint8)
+    imgs = np.zeros((10, 8, 8, 3), np.uint8)
     with pytest.raises(WeightsUnavailableError) as err:
         generative_metrics(imgs, imgs)
     msg = str(err.value)
@@ -252,7 +253,7 @@ def test_corrupt_foreign_and_malicious_weights_rejected(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "payload": _Evil(str(marker))}, evil)
-    imgs = np.zeros((4, 8, 8, 3), np.uint8)
+    imgs = np.zeros((10, 8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match="safely"):
         generative_metrics(imgs, imgs, weights_path=evil)
     assert not marker.exists(), "a pickle payload was executed"
@@ -446,7 +447,14 @@ def test_digits_metrics_cls_acc_and_cli(one_thread, digits_classifier, digits_ui
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     written = json.loads(out.read_text())
-    assert written["feature_extractor"] == DIGITS_EXTRACTOR and written["ref"] == str(stats_path)
+    assert written["feature_extractor"] == DIGITS_EXTRACTOR and written["ref_stats_written"] == str(stats_path)
+    # Provenance: sample counts, the reference's name and sha256 (of its sorted files), the extractor's weights.
+    from hcvision.eval import input_sha256
+    from hcvision.io import file_sha256
+
+    assert (written["num_samples"], written["num_ref_samples"]) == (300, 300)
+    assert written["reference"] == "ref_png" and written["reference_sha256"] == input_sha256(ref_dir)
+    assert written["extractors"] == {DIGITS_EXTRACTOR: {"weights_sha256": file_sha256(clf)}}
     np.testing.assert_allclose(load_stats(stats_path).features, f_gen, rtol=1e-4, atol=1e-5)
     # The same images against themselves: FID ~ 0, precision = recall = 1.
     assert written["metrics"]["fid"] == pytest.approx(0.0, abs=1e-6)
@@ -458,17 +466,17 @@ def test_digits_classifier_errors(one_thread, digits_classifier, tmp_path):
     from safetensors.torch import save_file
 
     _, clf = digits_classifier
-    imgs = np.zeros((4, 8, 8), np.uint8)
+    imgs = np.zeros((10, 8, 8), np.uint8)
     with pytest.raises(WeightsUnavailableError, match="HCV_DIGITS_CLASSIFIER"):
         generative_metrics(imgs, imgs, feature_extractor=DIGITS_EXTRACTOR, weights_path=tmp_path / "none.safetensors")
     bare = tmp_path / "bare.safetensors"
     save_file({"w": torch.zeros(2)}, str(bare))
     with pytest.raises(ValueError, match="model_name"):
         generative_metrics(imgs, imgs, feature_extractor=DIGITS_EXTRACTOR, weights_path=bare)
-    with pytest.raises(ValueError, match="does not match timm model"):
+    with pytest.raises(ValueError, match="does not fit 'vit_digits_patch2_8_res'"):
         generative_metrics(imgs, imgs, feature_extractor=DIGITS_EXTRACTOR, weights_path=bare,
                            model_name=DIGITS_MODEL)
-    with pytest.raises(ValueError, match="unknown timm model name 'no_such_model'"):
+    with pytest.raises(ValueError, match="holds weights of 'vit_digits_patch2_8_res', not 'no_such_model'"):
         generative_metrics(imgs, imgs, feature_extractor=DIGITS_EXTRACTOR, weights_path=clf, model_name="no_such_model")
 
 

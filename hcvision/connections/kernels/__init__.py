@@ -16,6 +16,7 @@ implementation of one family (static, dynamic or mHC), which the connection keep
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import torch
 
@@ -50,12 +51,12 @@ def forced_backend() -> str | None:
 
 
 def triton_available() -> bool:
-    """Whether ``import triton`` works (a GPU is not required: the interpreter runs on CPU)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means no Triton backend
-        return False
-    return True
+    """Whether the triton package is installed (a GPU is not required: the interpreter runs on CPU).
+
+    Found without importing it: Triton reads ``TRITON_INTERPRET`` when the kernels are defined, so building a
+    connection must not be what first imports them.
+    """
+    return importlib.util.find_spec("triton") is not None
 
 
 def _interpreting() -> bool:

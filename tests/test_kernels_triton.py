@@ -115,7 +115,8 @@ def _compare(kind: str, rate: int, seed: int = 0, rtol: float = 2e-5, atol: floa
 @pytest.mark.parametrize("rate", [1, 2, 4])
 @pytest.mark.parametrize("kind", ["shc", "sfc", "dhc", "dfc", "mhc"])
 def test_triton_matches_reference(kind, rate, recompute):
-    options = dict(recompute=True, recompute_every=1) if recompute else {}
+    # recompute_every=2: the second sublayer's streams are replayed from the first's stored input in backward
+    options = dict(recompute=True, recompute_every=2) if recompute else {}
     if kind == "mhc":  # the interpreter runs each Sinkhorn iteration op by op: 20 are tested below, 4 suffice here
         options["sinkhorn_iters"] = 4
     _compare(kind, rate, seed=rate, **options)
@@ -131,7 +132,7 @@ def test_triton_dynamic_options(kind, options):
 @pytest.mark.parametrize("kind", ["shc", "dhc", "mhc"])
 def test_triton_padding_three_streams(kind):
     """n = 3 pads the small dims to 4: the masks must keep the padding out of every sum."""
-    _compare(kind, 3, seed=4)
+    _compare(kind, 3, seed=4, **({"sinkhorn_iters": 4} if kind == "mhc" else {}))
 
 
 def test_triton_mhc_finite_at_large_logit_spread():

@@ -17,47 +17,21 @@ results.json.  Exit codes: 0 done, 1 non-finite loss, 2 bad input, 128+N stopped
 from __future__ import annotations
 
 import json
-import os
-from functools import partial
 import sys
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from hcvision.data import (
-    DigitsDataset,
-    SafeImageFolder,
-    SeededTransformDataset,
-    build_timm_transform,
-    check_image_folder,
-    collate_skip_bad,
-)
-from hcvision.engine import (
-    fit_to_exit_code,
-    check_model_name,
-    BaseTrainConfig,
-    CheckpointManager,
-    ConfigError,
-    Trainer,
-    build_accelerator,
-    build_optimizer,
-    check_output_dir,
-    config_to_dict,
-    create_ema,
-    load_safetensors,
-    parse_config,
-    per_device_batch_size,
-    release_accelerator,
-    save_config,
-    save_safetensors,
-    seed_everything,
-    write_json_atomic,
-)
+import hcvision  # noqa: F401  (registers the hcvision models with timm)
+from hcvision import io
+from hcvision.data import check_image_folder, classification_datasets, collate_skip_bad
+from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, require, train_main
 from hcvision.eval.classification import topk_hits
 
 TOPK = (1, 5)
@@ -92,17 +66,12 @@ class ClsConfig(BaseTrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        for key in ("mixup", "cutmix"):
-            v = getattr(self, key)
-            if v < 0:
-                raise ConfigError(f"{key}={v!r} is not valid; expected a number >= 0 (0 disables)")
-        if not 0.0 <= self.smoothing < 1.0:
-            raise ConfigError(f"smoothing={self.smoothing!r} is not valid; expected a number in [0, 1)")
-        if not 0.0 <= self.reprob <= 1.0:
-            raise ConfigError(f"reprob={self.reprob!r} is not valid; expected a probability in [0, 1]")
-        if self.img_size < 0 or self.eval_batch_size < 0:
-            bad = "img_size" if self.img_size < 0 else "eval_batch_size"
-            raise ConfigError(f"{bad}={getattr(self, bad)!r} is not valid; expected an integer >= 0 (0: default)")
+        require(self.mixup >= 0, "mixup", self.mixup, "a number >= 0 (0 disables)")
+        require(self.cutmix >= 0, "cutmix", self.cutmix, "a number >= 0 (0 disables)")
+        require(0.0 <= self.smoothing < 1.0, "smoothing", self.smoothing, "a number in [0, 1)")
+        require(0.0 <= self.reprob <= 1.0, "reprob", self.reprob, "a probability in [0, 1]")
+        require(self.img_size >= 0, "img_size", self.img_size, "an integer >= 0 (0: default)")
+        require(self.eval_batch_size >= 0, "eval_batch_size", self.eval_batch_size, "an integer >= 0 (0: default)")
         if self.eval_only and not self.checkpoint:
             raise ConfigError("eval_only=true needs checkpoint=PATH (a model.safetensors file or a run directory)")
         if self.checkpoint and not self.eval_only:
@@ -110,69 +79,6 @@ class ClsConfig(BaseTrainConfig):
                               "to continue training use resume=auto or resume=DIR")
 
 
-# ------------------------------------------------------------------------------------------------
-# Validation of things that need timm / the file system (before anything is written)
-# ------------------------------------------------------------------------------------------------
-def resolve_weights_file(path: str) -> Path:
-    """A safetensors file from a file path, a run directory or a checkpoint directory."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        for cand in (p / "model.safetensors",):
-            if cand.is_file():
-                return cand
-        ckpts = CheckpointManager(None, p).list()
-        if ckpts and (ckpts[-1] / "model.safetensors").is_file():
-            return ckpts[-1] / "model.safetensors"
-    raise ConfigError(f"checkpoint={path!r} has no weights; expected a .safetensors file or a directory "
-                      "holding model.safetensors (a run's output_dir or one of its checkpoints/step_*)")
-
-
-def classifier_classes(state_dict: Dict[str, torch.Tensor], head_key: str) -> Optional[int]:
-    w = state_dict.get(f"{head_key}.weight")
-    return int(w.shape[0]) if w is not None else None
-
-
-def check_weights_classes(path: Path, num_classes: int, head_key: str) -> Dict[str, torch.Tensor]:
-    sd = load_safetensors(path)
-    n = classifier_classes(sd, head_key)
-    if n is not None and n != num_classes:
-        raise ConfigError(f"checkpoint {str(path)!r} has {n} classes but the data has {num_classes}; "
-                          "evaluate on data with the same classes or pass a matching checkpoint")
-    return sd
-
-
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
-def digits_collate(batch: Sequence[Tuple[torch.Tensor, int]]) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch]), 0
-
-
-def build_datasets(cfg: ClsConfig, model: torch.nn.Module) -> Tuple[Any, Any, int, Any]:
-    """(train set, val set, number of classes, collate_fn)."""
-    if not cfg.data_dir:
-        mean, std = model.pretrained_cfg.get("mean", (0.5,)), model.pretrained_cfg.get("std", (0.5,))
-        train = DigitsDataset("train", mean, std, augment=cfg.digits_augment, seed=cfg.seed)
-        val = DigitsDataset("val", mean, std)
-        return train, val, DigitsDataset.num_classes, digits_collate
-    root = Path(cfg.data_dir)
-    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-    in_chans = proj.in_channels if proj is not None else model.pretrained_cfg.get("input_size", (3,))[0]
-    t_train = build_timm_transform(model, True, img_size=cfg.img_size, auto_augment=cfg.auto_augment, reprob=cfg.reprob)
-    t_val = build_timm_transform(model, False, img_size=cfg.img_size)
-    train = SeededTransformDataset(SafeImageFolder(root / "train", t_train, in_chans=in_chans), seed=cfg.seed)
-    val = SafeImageFolder(root / "val", t_val, in_chans=in_chans)
-    if train.classes != val.classes:
-        raise ConfigError(f"data_dir={cfg.data_dir!r}: train/ has classes {train.classes[:5]}... but val/ has "
-                          f"{val.classes[:5]}...; both must hold the same class folders")
-    return train, val, len(train.classes), collate_skip_bad
-
-
-# ------------------------------------------------------------------------------------------------
-# Loss and evaluation
-# ------------------------------------------------------------------------------------------------
 class ClsLoss:
     """Cross-entropy (soft targets under mixup/cutmix, label smoothing otherwise); counts skipped files."""
 
@@ -229,148 +135,101 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator) -> Dict[st
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# Entry point
-# ------------------------------------------------------------------------------------------------
-def _is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator) -> Dict[str, float]:
+    """Top-k over the whole (sharded) split; ``gather_for_metrics`` drops the padding of uneven splits."""
+    was_training = model.training
+    model.eval()
+    hits_total, count, skipped = torch.zeros(len(TOPK), dtype=torch.long), 0, 0
+    for x, y, n_bad in loader:
+        skipped += int(n_bad)
+        valid = y >= 0  # unreadable files come as target -1 (collate keeps the batch shape)
+        logits = model(x) if len(y) else torch.zeros(0, 1, device=y.device)
+        hits = topk_hits(logits, y, TOPK)  # per sample, so gather_for_metrics can drop the padding
+        hits, valid = accelerator.gather_for_metrics((hits, valid))
+        hits_total += hits.long().sum(0).cpu()
+        count += int(valid.sum())
+    skipped_t = accelerator.reduce(torch.tensor([skipped], device=accelerator.device), reduction="sum")
+    model.train(was_training)
+    out = {f"top{k}": 100.0 * h.item() / max(1, count) for k, h in zip(TOPK, hits_total)}
+    out.update(num_samples=count, skipped_images=int(skipped_t.item()))
+    return out
+
+
+def evaluate_with_ema(model, ema_module, loader, accelerator) -> Dict[str, float]:
+    metrics = evaluate(model, loader, accelerator)
+    if ema_module is not None:
+        metrics.update({f"ema_{k}": v for k, v in evaluate(ema_module, loader, accelerator).items() if "top" in k})
+    return metrics
+
+
+def load_for_eval(cfg: ClsConfig, model: torch.nn.Module, num_classes: int) -> str:
+    """Load ``checkpoint=`` (hcvision safetensors, timm ``train.py`` checkpoint, run directory) into ``model``."""
+    path = io.resolve_weights(cfg.checkpoint, ema=False)
+    state = io.unwrap_state_dict(io.load_weights(path)[0])
+    io.check_finite(state, f"checkpoint {str(path)!r}")
+    head = state.get(f"{model.pretrained_cfg.get('classifier', 'head')}.weight")
+    if head is not None and head.shape[0] != num_classes:
+        raise ConfigError(f"checkpoint {str(path)!r} has {head.shape[0]} classes but the data has {num_classes}; "
+                          "evaluate on data with the same classes or pass a matching checkpoint")
+    try:
+        model.load_state_dict(hcvision.models.filter_checkpoint(state, model), strict=True)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"checkpoint {str(path)!r} does not fit model={cfg.model!r}: "
+                          f"{str(e).strip().splitlines()[-1][:300]}") from None
+    return str(path)
 
 
 def run(cfg: ClsConfig) -> int:
     """Train (or evaluate) as configured; returns the process exit code."""
-    import timm
-
-    import hcvision  # noqa: F401  (registers the hcvision models with timm)
-
     check_model_name(cfg.model)
     if cfg.data_dir:
         check_image_folder(cfg.data_dir)
-    if not cfg.eval_only:
-        check_output_dir(cfg.output_dir, cfg.resume)
-    weights_file = resolve_weights_file(cfg.checkpoint) if cfg.eval_only else None
-
-    accelerator = build_accelerator(cfg, log_with_tensorboard=cfg.tensorboard and not cfg.eval_only)
-    try:
-        return _run(cfg, accelerator, weights_file, timm)
-    finally:
-        release_accelerator(accelerator)
-
-
-def _run(cfg: ClsConfig, accelerator, weights_file: Optional[Path], timm) -> int:
-    batch = per_device_batch_size(cfg.global_batch_size, accelerator.num_processes, cfg.grad_accum_steps)
-    seed_everything(cfg.seed)  # same initial weights on every rank and for every rerun
-
+    with torch.device("meta"):  # only for its cfg (mean/std, input size, channels)
+        meta_model = timm.create_model(cfg.model, **cfg.model_kwargs)
+    train_set, val_set, num_classes, collate = classification_datasets(
+        cfg.data_dir, meta_model, seed=cfg.seed, digits_augment=cfg.digits_augment, img_size=cfg.img_size,
+        auto_augment=cfg.auto_augment, reprob=cfg.reprob)
     kwargs = dict(cfg.model_kwargs)
-    train_set, val_set, num_classes, collate = build_datasets(cfg, _meta_model(cfg, timm))
-    if "num_classes" in kwargs and int(kwargs["num_classes"]) != num_classes:
+    if int(kwargs.setdefault("num_classes", num_classes)) != num_classes:
         raise ConfigError(f"model_kwargs.num_classes={kwargs['num_classes']!r} does not match the "
                           f"{num_classes} classes of the data; drop it or use matching data")
-    kwargs["num_classes"] = num_classes
-    seed_everything(cfg.seed)
-    model = timm.create_model(cfg.model, **kwargs)
-    head_key = model.pretrained_cfg.get("classifier", "head")
-
-    eval_bs = cfg.eval_batch_size or batch
-    val_collate = partial(collate_skip_bad, keep_size=True) if collate is collate_skip_bad else collate
-    val_loader = DataLoader(val_set, batch_size=eval_bs, shuffle=False, num_workers=cfg.num_workers,
-                            collate_fn=val_collate)
     if cfg.eval_only:
-        sd = check_weights_classes(weights_file, num_classes, head_key)
-        try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-            raise ConfigError(f"checkpoint {str(weights_file)!r} does not fit model={cfg.model!r}: {first}") from None
-        model, val_loader = accelerator.prepare(model, val_loader)
-        metrics = evaluate(model, val_loader, accelerator)
-        out = {"model": cfg.model, "checkpoint": str(weights_file), "data": cfg.data_dir or "digits", **metrics}
-        if accelerator.is_main_process:
-            print(json.dumps(out))
-        return 0
-
-    trainer_resume = CheckpointManager(accelerator, cfg.output_dir).resolve(cfg.resume)
-    if trainer_resume is not None:
-        check_weights_classes(trainer_resume / "model.safetensors", num_classes, head_key)
-
-    train_loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
-                              collate_fn=collate)
-    optimizer = build_optimizer(model, cfg)
-    ema = create_ema(model, cfg.ema_decay, device=accelerator.device) if cfg.ema else None
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-
-    # From here on the run writes into output_dir.
-    if accelerator.is_main_process:
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    accelerator.init_trackers("train_cls", config={k: v for k, v in config_to_dict(cfg).items()
-                                                    if isinstance(v, (int, float, str, bool))})
-    loss_fn = ClsLoss(cfg, num_classes)
-    trainer = Trainer(cfg, accelerator, model, optimizer, train_loader, loss_fn, ema=ema,
-                      evaluate_fn=lambda m, e: _epoch_eval(m, e, val_loader, accelerator))
-    resumed = trainer.resume(str(trainer_resume) if trainer_resume else None)
-    if resumed and accelerator.is_main_process:
-        print(f"resumed from {trainer_resume} (epoch {trainer.state.epoch}, step {trainer.state.global_step})")
-
-    t0 = time.perf_counter()
-    result, code = fit_to_exit_code(trainer, "train_cls.py")
-    if code:
-        return code
-
-    metrics = result.eval_metrics or _epoch_eval(model, ema.module if ema else None, val_loader, accelerator)
-    skipped_train = int(accelerator.reduce(torch.tensor([loss_fn.skipped], device=accelerator.device),
-                                           reduction="sum").item())
-    unwrapped = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        meta = {"model": cfg.model, "model_kwargs": json.dumps(kwargs), "top1": f"{metrics['top1']:.4f}"}
-        save_safetensors(unwrapped.state_dict(), Path(cfg.output_dir) / "model.safetensors", metadata=meta)
-        if ema is not None:
-            save_safetensors(ema.module.state_dict(), Path(cfg.output_dir) / "model_ema.safetensors", metadata=meta)
-        results = {
-            "model": cfg.model,
-            "model_kwargs": kwargs,
-            "params": sum(p.numel() for p in unwrapped.parameters()),
-            "data": cfg.data_dir or "digits",
-            "top1": metrics["top1"],
-            "top5": metrics["top5"],
-            **{k: v for k, v in metrics.items() if k not in ("top1", "top5")},
-            "epochs": result.state.epoch,
-            "global_step": result.state.global_step,
-            "images_seen": result.state.images_seen,
-            "images_per_sec": round(result.images_per_sec, 2),
-            "train_seconds_this_session": round(time.perf_counter() - t0, 2),
-            "num_processes": accelerator.num_processes,
-            "mixed_precision": cfg.mixed_precision,
-            "skipped_train_images": skipped_train,
+        model = timm.create_model(cfg.model, **kwargs)
+        weights = load_for_eval(cfg, model, num_classes)
+    with Run(cfg, "train_cls", writes=not cfg.eval_only) as run:
+        val_collate = partial(collate_skip_bad, keep_size=True) if collate is collate_skip_bad else collate
+        val_loader = DataLoader(val_set, batch_size=cfg.eval_batch_size or run.batch_size,
+                                num_workers=cfg.num_workers, collate_fn=val_collate)
+        if cfg.eval_only:
+            model, val_loader = run.acc.prepare(model, val_loader)
+            metrics = evaluate(model, val_loader, run.acc)
+            run.print(json.dumps({"model": cfg.model, "checkpoint": weights, "data": cfg.data_dir or "digits",
+                                  **metrics}))
+            return 0
+        model = timm.create_model(cfg.model, **kwargs)  # after Run seeded: the same weights on every rank
+        train_loader = DataLoader(train_set, batch_size=run.batch_size, shuffle=True, drop_last=True,
+                                  num_workers=cfg.num_workers, collate_fn=collate)
+        loss_fn = ClsLoss(cfg, num_classes)
+        trainer = run.trainer(model, train_loader, loss_fn, eval_loaders=[val_loader],
+                              evaluate_fn=lambda m, e: evaluate_with_ema(m, e, run.eval_loaders[0], run.acc))
+        result = run.fit(trainer)
+        if result is None:
+            return run.exit_code
+        metrics = result.eval_metrics or evaluate_with_ema(run.model, run.ema and run.ema.module,
+                                                           run.eval_loaders[0], run.acc)
+        skipped = int(run.acc.reduce(torch.tensor([loss_fn.skipped], device=run.acc.device), reduction="sum"))
+        run.save_weights({"model": cfg.model, "model_kwargs": json.dumps(kwargs), "top1": f"{metrics['top1']:.4f}"})
+        run.write_results({
+            "model": cfg.model, "model_kwargs": kwargs, "params": sum(p.numel() for p in run.unwrapped.parameters()),
+            "data": cfg.data_dir or "digits", **metrics, "skipped_train_images": skipped,
             "weights": str(Path(cfg.output_dir) / "model.safetensors"),
-        }
-        write_json_atomic(results, Path(cfg.output_dir) / "results.json")
-        print(json.dumps({k: results[k] for k in ("model", "top1", "top5", "epochs", "images_per_sec")}))
-    accelerator.wait_for_everyone()
+        }, shown=("model", "top1", "top5", "epochs", "images_per_sec"))
     return 0
 
 
-def _meta_model(cfg: ClsConfig, timm) -> torch.nn.Module:
-    """A model instance only for its cfg (mean/std, input size, channels); on the meta device (no memory)."""
-    with torch.device("meta"):
-        return timm.create_model(cfg.model, pretrained=False, **cfg.model_kwargs)
-
-
-def _epoch_eval(model, ema_module, val_loader, accelerator) -> Dict[str, float]:
-    metrics = evaluate(model, val_loader, accelerator)
-    if ema_module is not None:
-        ema_metrics = evaluate(ema_module, val_loader, accelerator)
-        metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k.startswith("top")})
-    return metrics
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = parse_config(ClsConfig, argv)
-        return run(cfg)
-    except ConfigError as e:
-        if _is_main_rank():
-            print(f"train_cls.py: error: {e}", file=sys.stderr)
-        return 2
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return train_main(ClsConfig, run, argv, "train_cls.py")
 
 
 if __name__ == "__main__":

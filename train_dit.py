@@ -23,35 +23,19 @@ Exit codes: 0 done, 1 non-finite loss, 2 bad input, 128+N stopped by signal N (r
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
+import timm
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from hcvision.engine import (
-    fit_to_exit_code,
-    check_model_name,
-    BaseTrainConfig,
-    CheckpointManager,
-    ConfigError,
-    Trainer,
-    build_accelerator,
-    build_optimizer,
-    check_output_dir,
-    config_to_dict,
-    create_ema,
-    parse_config,
-    per_device_batch_size,
-    save_config,
-    save_safetensors,
-    seed_everything,
-    write_json_atomic,
-)
+import hcvision  # noqa: F401  (registers the DiT family with timm)
+from hcvision.data.generative import diffusion_dataset, digits_pixels, sample_decoder
+from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, require, train_main
 
 SCHEDULERS = ("ddpm", "ddim", "dpmsolver++")
 
@@ -92,31 +76,19 @@ class DitConfig(BaseTrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ConfigError(f"class_dropout_prob={self.class_dropout_prob!r} is not valid; expected a number in "
-                              "[0, 1) (0 disables classifier-free guidance)")
-        if self.eval_samples < 0:
-            raise ConfigError(f"eval_samples={self.eval_samples!r} is not valid; expected an integer >= 0 (0 skips)")
-        if self.eval_scheduler not in SCHEDULERS:
-            raise ConfigError(f"eval_scheduler={self.eval_scheduler!r} is not valid; expected one of {SCHEDULERS}")
-        if not 1 <= self.eval_steps <= 1000:
-            raise ConfigError(f"eval_steps={self.eval_steps!r} is not valid; expected an integer in [1, 1000]")
-        if not (self.cfg_scale >= 0 and self.cfg_scale != float("inf")):
-            raise ConfigError(f"cfg_scale={self.cfg_scale!r} is not valid; expected a number >= 0 (1: no guidance)")
+        require(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob", self.class_dropout_prob,
+                "a number in [0, 1) (0 disables classifier-free guidance)")
+        require(self.eval_samples >= 0, "eval_samples", self.eval_samples, "an integer >= 0 (0 skips)")
+        require(self.eval_scheduler in SCHEDULERS, "eval_scheduler", self.eval_scheduler, f"one of {SCHEDULERS}")
+        require(1 <= self.eval_steps <= 1000, "eval_steps", self.eval_steps, "an integer in [1, 1000]")
+        require(0 <= self.cfg_scale < float("inf"), "cfg_scale", self.cfg_scale, "a number >= 0 (1: no guidance)")
+        require(self.guidance_channels >= 0, "guidance_channels", self.guidance_channels, "0 (auto) or k >= 1")
+        require(self.cpu_threads >= 0, "cpu_threads", self.cpu_threads, "an integer >= 0 (0: default)")
+        require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
         if self.cfg_scale != 1.0 and self.class_dropout_prob == 0.0 and self.eval_samples:
             raise ConfigError(f"cfg_scale={self.cfg_scale} needs label dropout (class_dropout_prob > 0) to train the "
                               "null class; set cfg_scale=1 or class_dropout_prob=0.1")
-        if self.guidance_channels < 0:
-            raise ConfigError(f"guidance_channels={self.guidance_channels!r} is not valid; expected 0 (auto) or k >= 1")
-        if self.cpu_threads < 0:
-            raise ConfigError(f"cpu_threads={self.cpu_threads!r} is not valid; expected an integer >= 0 (0: default)")
-        if self.eval_batch_size < 1:
-            raise ConfigError(f"eval_batch_size={self.eval_batch_size!r} is not valid; expected an integer >= 1")
 
-
-# ------------------------------------------------------------------------------------------------
-# Checks that need timm, the data or the file system (all before anything is written)
-# ------------------------------------------------------------------------------------------------
 
 def digits_classifier_path(cfg: DitConfig) -> Path:
     """The digits classifier used for FID/precision/recall/cls_acc; fails with how to produce it.
@@ -140,38 +112,9 @@ def digits_classifier_path(cfg: DitConfig) -> Path:
     return path
 
 
-def digits_pixels(split: str) -> Dataset:
-    """The digits split as ``(x in [-1, 1] of shape (1, 8, 8), label)``: the DiT digits cfg's mean = std = 0.5.
-
-    No shift augmentation: the model is scored against the unshifted held-out digits.
-    """
-    from hcvision.data import DigitsDataset
-
-    return DigitsDataset(split, mean=(0.5,), std=(0.5,), augment=False)
-
-
-def build_dataset(cfg: DitConfig) -> Tuple[Dataset, Tuple[int, ...], List[str], Dict[str, Any]]:
-    """(train set, sample shape (C, H, W), class names, data info)."""
-    if not cfg.data_dir:
-        ds = digits_pixels("train")
-        return ds, (1, 8, 8), list(ds.classes), {"mode": "pixels", "data": "digits"}
-    from hcvision.data.latents import LatentDataset, read_manifest
-
-    try:
-        manifest = read_manifest(cfg.data_dir)
-    except ValueError as e:
-        raise ConfigError(f"data_dir={cfg.data_dir!r}: {e}") from None
-    ds = LatentDataset(cfg.data_dir, seed=cfg.seed, hflip=cfg.hflip)
-    info = {"mode": manifest["mode"], "data": cfg.data_dir, "vae": manifest["vae"],
-            "scale_factor": manifest["scale_factor"]}
-    return ds, tuple(manifest["sample_shape"]), list(manifest["classes"]), info
-
-
 def check_model_fits(cfg: DitConfig, model_kwargs: Dict[str, Any], sample_shape: Tuple[int, ...],
                      num_classes: int) -> None:
     """The data's sample shape and class count must be what the model takes (checked on the meta device)."""
-    import timm
-
     declared = model_kwargs.get("num_classes")
     if declared is not None and int(declared) != num_classes:
         raise ConfigError(f"model_kwargs.num_classes={declared!r} does not match the {num_classes} classes of the data "
@@ -187,9 +130,6 @@ def check_model_fits(cfg: DitConfig, model_kwargs: Dict[str, Any], sample_shape:
             f"{sample_shape[0]}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Loss
-# ------------------------------------------------------------------------------------------------
 class DiffusionLoss:
     """DiT's hybrid loss at uniform t; the returned value is the mean over *all* processes.
 
@@ -214,19 +154,6 @@ class DiffusionLoss:
         return loss, int(x.shape[0])
 
 
-# ------------------------------------------------------------------------------------------------
-# Final sampling and scoring
-# ------------------------------------------------------------------------------------------------
-def _decoder(cfg: DitConfig, info: Dict[str, Any], device: torch.device):
-    if info["mode"] == "pixels":
-        return None
-    from hcvision.data.latents import load_vae
-
-    vae = load_vae(cfg.vae or info["vae"], device)
-    scale = float(info["scale_factor"])
-    return lambda z: vae.decode(z.to(vae.dtype) / scale).sample
-
-
 def sample_and_score(cfg: DitConfig, accelerator: Any, model: torch.nn.Module, sample_shape: Tuple[int, ...],
                      num_classes: int, info: Dict[str, Any], classifier: Optional[Path]) -> Dict[str, Any]:
     """EMA samples -> grid, npz and metrics (metrics on the main process; collective call)."""
@@ -242,7 +169,7 @@ def sample_and_score(cfg: DitConfig, accelerator: Any, model: torch.nn.Module, s
     result = sample_to_dir(model, out, cfg.eval_samples, state=accelerator, sample_shape=sample_shape,
                            num_classes=num_classes, null_class=model.null_class, scheduler=cfg.eval_scheduler,
                            steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, guidance_channels=gc, seed=cfg.eval_seed,
-                           batch_size=cfg.eval_batch_size, decode=_decoder(cfg, info, accelerator.device),
+                           batch_size=cfg.eval_batch_size, decode=sample_decoder(info, cfg.vae, accelerator.device),
                            progress=cfg.progress_bar)
     model.train(was_training)
     metrics: Dict[str, Any] = {"sample_seconds": round(time.perf_counter() - t0, 2),
@@ -265,18 +192,10 @@ def sample_and_score(cfg: DitConfig, accelerator: Any, model: torch.nn.Module, s
     return metrics
 
 
-# ------------------------------------------------------------------------------------------------
-# Entry point
-# ------------------------------------------------------------------------------------------------
-def _is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def run(cfg: DitConfig) -> int:
     """Train, sample and score as configured; returns the process exit code."""
     check_model_name(cfg.model, family="dit_", what="DiT")
-    check_output_dir(cfg.output_dir, cfg.resume)
-    train_set, sample_shape, classes, info = build_dataset(cfg)
+    train_set, sample_shape, classes, info = diffusion_dataset(cfg.data_dir, cfg.seed, cfg.hflip)
     num_classes = len(classes)
     kwargs = {**cfg.model_kwargs, "num_classes": num_classes, "class_dropout_prob": cfg.class_dropout_prob}
     check_model_fits(cfg, cfg.model_kwargs, sample_shape, num_classes)
@@ -288,98 +207,38 @@ def run(cfg: DitConfig) -> int:
             load_vae(cfg.vae or info["vae"])
         except Exception as e:
             raise ConfigError(f"{e} (or set eval_samples=0 to train without sampling)") from None
-
-    accelerator = build_accelerator(cfg)
-    if accelerator.device.type == "cpu" and cfg.cpu_threads:
-        # A ~1M-parameter DiT does (1024 x 96)-sized matmuls: a second OpenMP thread buys little on an idle machine
-        # and costs ~3x wall time on a busy one (measured on the 2-core CI box), so the demo uses one.
-        torch.set_num_threads(cfg.cpu_threads)
-    try:
-        return _run(cfg, accelerator, train_set, sample_shape, num_classes, kwargs, info, classifier)
-    finally:
-        accelerator.end_training()
-
-
-def _run(cfg: DitConfig, accelerator: Any, train_set: Dataset, sample_shape: Tuple[int, ...], num_classes: int,
-         kwargs: Dict[str, Any], info: Dict[str, Any], classifier: Optional[Path]) -> int:
-    import timm
-
-    batch = per_device_batch_size(cfg.global_batch_size, accelerator.num_processes, cfg.grad_accum_steps)
     if len(train_set) < cfg.global_batch_size // cfg.grad_accum_steps:
         raise ConfigError(f"global_batch_size={cfg.global_batch_size} is larger than the {len(train_set)} training "
                           "samples; use a smaller batch")
-    seed_everything(cfg.seed)  # same initial weights on every rank and for every rerun
-    model = timm.create_model(cfg.model, **kwargs)
-    resume_dir = CheckpointManager(accelerator, cfg.output_dir).resolve(cfg.resume)
-
-    loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=True, num_workers=cfg.num_workers)
-    optimizer = build_optimizer(model, cfg)
-    ema = create_ema(model, cfg.ema_decay, device=accelerator.device) if cfg.ema else None
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-
-    if accelerator.is_main_process:  # from here on the run writes into output_dir
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    accelerator.init_trackers("train_dit", config={k: v for k, v in config_to_dict(cfg).items()
-                                                    if isinstance(v, (int, float, str, bool))})
-    trainer = Trainer(cfg, accelerator, model, optimizer, loader, DiffusionLoss(accelerator), ema=ema)
-    if trainer.resume(str(resume_dir) if resume_dir else None) and accelerator.is_main_process:
-        print(f"resumed from {resume_dir} (epoch {trainer.state.epoch}, step {trainer.state.global_step})")
-
-    t0 = time.perf_counter()
-    result, code = fit_to_exit_code(trainer, "train_dit.py")
-    if code:
-        return code
-    train_seconds = time.perf_counter() - t0
-
-    unwrapped = accelerator.unwrap_model(model)
-    meta = {"model": cfg.model, "model_kwargs": json.dumps(kwargs)}
-    if accelerator.is_main_process:
-        save_safetensors(unwrapped.state_dict(), Path(cfg.output_dir) / "model.safetensors", metadata=meta)
-        if ema is not None:
-            save_safetensors(ema.module.state_dict(), Path(cfg.output_dir) / "model_ema.safetensors", metadata=meta)
-    accelerator.wait_for_everyone()
-
-    metrics: Dict[str, Any] = {}
-    if cfg.eval_samples:
-        sampler = ema.module if ema is not None else unwrapped
-        metrics = sample_and_score(cfg, accelerator, sampler, sample_shape, num_classes, info, classifier)
-    if accelerator.is_main_process:
-        results = {
-            "model": cfg.model,
-            "model_kwargs": kwargs,
-            "params": sum(p.numel() for p in unwrapped.parameters()),
-            "data": info["data"],
-            **{k: metrics[k] for k in ("fid", "precision", "recall", "cls_acc", "is_mean", "is_std") if k in metrics},
-            "weights": "ema" if ema is not None else "raw",
-            "eval_samples": cfg.eval_samples,
-            "eval_scheduler": cfg.eval_scheduler,
-            "eval_steps": cfg.eval_steps,
-            "cfg_scale": cfg.cfg_scale,
-            **{k: v for k, v in metrics.items() if k not in ("fid", "precision", "recall", "cls_acc", "is_mean",
-                                                             "is_std")},
-            "epochs": result.state.epoch,
-            "global_step": result.state.global_step,
-            "images_per_sec": round(result.images_per_sec, 2),
-            "train_seconds_this_session": round(train_seconds, 2),
-            "num_processes": accelerator.num_processes,
-            "mixed_precision": cfg.mixed_precision,
-        }
-        write_json_atomic(results, Path(cfg.output_dir) / "results.json")
-        shown = ("model", "fid", "precision", "recall", "cls_acc", "global_step", "images_per_sec")
-        print(json.dumps({k: results[k] for k in shown if k in results}))
-    accelerator.wait_for_everyone()
+    with Run(cfg, "train_dit") as run:
+        if run.acc.device.type == "cpu" and cfg.cpu_threads:
+            # A ~1M-parameter DiT does (1024 x 96)-sized matmuls: a second OpenMP thread buys little on an idle
+            # machine and costs ~3x wall time on a busy one (measured on the 2-core CI box), so the demo uses one.
+            torch.set_num_threads(cfg.cpu_threads)
+        model = timm.create_model(cfg.model, **kwargs)
+        loader = DataLoader(train_set, batch_size=run.batch_size, shuffle=True, drop_last=True,
+                            num_workers=cfg.num_workers)
+        result = run.fit(run.trainer(model, loader, DiffusionLoss(run.acc)))
+        if result is None:
+            return run.exit_code
+        run.save_weights({"model": cfg.model, "model_kwargs": json.dumps(kwargs)})
+        metrics: Dict[str, Any] = {}
+        if cfg.eval_samples:
+            sampler = run.ema.module if run.ema is not None else run.unwrapped
+            metrics = sample_and_score(cfg, run.acc, sampler, sample_shape, num_classes, info, classifier)
+        quality = ("fid", "precision", "recall", "cls_acc", "is_mean", "is_std")
+        run.write_results({
+            "model": cfg.model, "model_kwargs": kwargs, "params": sum(p.numel() for p in run.unwrapped.parameters()),
+            "data": info["data"], **{k: metrics[k] for k in quality if k in metrics},
+            "weights": "ema" if run.ema is not None else "raw", "eval_samples": cfg.eval_samples,
+            "eval_scheduler": cfg.eval_scheduler, "eval_steps": cfg.eval_steps, "cfg_scale": cfg.cfg_scale,
+            **{k: v for k, v in metrics.items() if k not in quality},
+        }, shown=("model", "fid", "precision", "recall", "cls_acc", "global_step", "images_per_sec"))
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        cfg = parse_config(DitConfig, argv)
-        return run(cfg)
-    except ConfigError as e:
-        if _is_main_rank():
-            print(f"train_dit.py: error: {e}", file=sys.stderr)
-        return 2
+    return train_main(DitConfig, run, argv, "train_dit.py")
 
 
 if __name__ == "__main__":

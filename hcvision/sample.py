@@ -361,9 +361,9 @@ def run(args: argparse.Namespace) -> int:
                   steps=args.steps, cfg_scale=args.cfg_scale, guidance_channels=gc, seed=args.seed,
                   batch_size=args.batch_size, decode=decode, progress=not args.no_progress)
     if state.is_main_process:
-        from .engine.checkpoint import write_json_atomic
+        from .io import write_json
 
-        write_json_atomic(config, out / "sample_config.json")
+        write_json(out / "sample_config.json", config)
         print(json.dumps({"samples": str(out / "samples.npz"), **config}))
     return 0
 

@@ -20,7 +20,7 @@ from hcvision.analysis import (
     plot_unfolded,
     plot_weight_distributions,
 )
-from hcvision.analysis.__main__ import main as cli_main
+from hcvision.analysis.__main__ import analyse as cli_main
 from hcvision.connections import Connection, HyperConnection, parallel_matrices, sequential_matrices
 
 SUFFIXES = ["res", "shc2", "dhc2", "sfc2", "dfc2", "mhc2", "shc4", "dfc4", "mhc4"]
@@ -409,7 +409,7 @@ def test_cli_writes_pngs_and_json(tmp_path):
 
 
 def test_cli_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="not a registered timm model"):
         cli_main(["--model", "vit_digits_patch2_8_dhx2", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="does not exist"):
         cli_main(["--model", "vit_digits_patch2_8_dhc2", "--checkpoint", str(tmp_path / "nope.safetensors"),

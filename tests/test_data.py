@@ -16,7 +16,7 @@ from hcvision.data import (
     collate_skip_bad,
     digits_split_indices,
 )
-from hcvision.engine import ConfigError
+from hcvision.cli import UsageError as ConfigError
 
 
 def test_digits_split_fixed_stratified_disjoint():

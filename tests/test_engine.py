@@ -20,17 +20,16 @@ from hcvision.engine import (
     TrainState,
     check_output_dir,
     coerce_value,
-    load_safetensors,
     lr_factor,
     parse_config,
     per_device_batch_size,
     save_config,
-    save_safetensors,
     step_seed,
     steps_per_epoch,
-    write_json_atomic,
 )
 from hcvision.engine.config import load_yaml
+from hcvision.cli import UsageError
+from hcvision.io import load_weights, save_safetensors, write_json
 from hcvision.eval.classification import TopKAccumulator, topk_accuracy, topk_correct, topk_hits
 
 
@@ -213,14 +212,14 @@ def test_check_output_dir(tmp_path):
 
 
 def test_atomic_writers_and_safe_loading(tmp_path):
-    write_json_atomic({"a": 1}, tmp_path / "r.json")
+    write_json(tmp_path / "r.json", {"a": 1})
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
     save_safetensors({"x": torch.arange(3.0)}, tmp_path / "w.safetensors", metadata={"k": "v"})
-    assert torch.equal(load_safetensors(tmp_path / "w.safetensors")["x"], torch.arange(3.0))
+    assert torch.equal(load_weights(tmp_path / "w.safetensors")[0]["x"], torch.arange(3.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "w.safetensors"]
     (tmp_path / "bad.safetensors").write_bytes(b"\x80\x04pickle")
-    with pytest.raises(ConfigError, match="bad.safetensors"):
-        load_safetensors(tmp_path / "bad.safetensors")
+    with pytest.raises(UsageError, match="bad.safetensors"):
+        load_weights(tmp_path / "bad.safetensors")
 
 
 def test_signal_guard_turns_signals_into_a_flag():

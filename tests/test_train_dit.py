@@ -16,6 +16,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from hcvision.engine import parse_config
+
 import train_dit  # the script itself (pytest's pythonpath holds the repository root)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +212,7 @@ def test_paper_configs_parse_and_build():
 
     import hcvision.models.dit  # noqa: F401
 
-    cfgs = {p.stem: train_dit.parse_config(train_dit.DitConfig, ["--config", str(p)])
+    cfgs = {p.stem: parse_config(train_dit.DitConfig, ["--config", str(p)])
             for p in sorted((REPO / "configs" / "dit").glob("*.yaml"))}
     assert {"dit_xl_2_res", "dit_xl_2_shc2", "dit_s_2_shc2", "dit_b_2_shc2"} <= set(cfgs)
     for name, cfg in cfgs.items():
@@ -218,7 +220,7 @@ def test_paper_configs_parse_and_build():
             continue
         assert (cfg.global_batch_size, cfg.lr, cfg.weight_decay, cfg.ema_decay) == (256, 1e-4, 0.0, 0.9999), name
         assert cfg.mixed_precision == "fp16" and cfg.model_kwargs["qk_norm"] is True and cfg.class_dropout_prob == 0.1
-    assert cfgs["dit_digits_shc2"] == train_dit.parse_config(train_dit.DitConfig, [])  # the YAML is the demo
+    assert cfgs["dit_digits_shc2"] == parse_config(train_dit.DitConfig, [])  # the YAML is the demo
     assert cfgs["dit_xl_2_shc2"].epochs == 1400 and cfgs["dit_xl_2_shc2"].max_steps == 0
     assert cfgs["dit_xl_2_res"].max_steps == 400_000
     with torch.device("meta"):

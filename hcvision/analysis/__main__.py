@@ -10,74 +10,35 @@ and ``analysis.json``.
 from __future__ import annotations
 
 import argparse
-import difflib
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["main", "load_images", "build_model"]
+from ..cli import UsageError, run_cli
+from ..io import check_model_name, load_model, write_json
+
+__all__ = ["main", "analyse", "load_images", "build_model"]
 
 
 def build_model(name: str, checkpoint: Optional[str]) -> torch.nn.Module:
-    """``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint))`` with clear errors."""
+    """``name`` with the weights of ``checkpoint`` (a weights file or run directory), or its fresh init."""
     import timm
 
-    import hcvision  # noqa: F401  (registers the families)
-
-    known = timm.list_models()
-    if name not in known:
-        close = difflib.get_close_matches(name, known, n=3)
-        raise ValueError(f"unknown model {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
-                         + "; accepted: a registered timm name, e.g. vit_digits_patch2_8_dhc2")
+    check_model_name(name, key="--model")
     if checkpoint is None:
         return timm.create_model(name)
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {checkpoint!r} does not exist; accepted: a .safetensors file")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"checkpoint {checkpoint!r} is not a .safetensors file; accepted: a .safetensors file "
-                         "(other formats are not unpickled here)")
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                             **_recorded_model_kwargs(path))
-
-
-def _recorded_model_kwargs(path: Path) -> dict:
-    """The ``model_kwargs`` that ``train_cls.py`` records in the safetensors metadata (``{}`` when absent)."""
-    import json
-
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("model_kwargs", "{}")
-    try:
-        kwargs = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r}: metadata 'model_kwargs' is not valid JSON: {err}") from err
-    return kwargs if isinstance(kwargs, dict) else {}
+    return load_model(checkpoint, model_name=name, ema=False)[0]
 
 
 def _digits(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The held-out digits (sklearn ``load_digits``, pixel / 16), normalised with the model's cfg mean / std."""
-    from sklearn.datasets import load_digits
+    """The held-out digits split, normalised with the model's cfg mean / std."""
+    from ..data import DigitsDataset
 
-    d = load_digits()
-    images = torch.from_numpy(d.images).float().div(16.0).unsqueeze(1)  # (N, 1, 8, 8)
-    labels = torch.from_numpy(d.target).long()
-    try:  # the project's fixed validation split, when available
-        from hcvision.data import digits_split_indices
-
-        val = torch.from_numpy(digits_split_indices()[1])
-        images, labels = images[val], labels[val]
-    except ImportError:
-        pass
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    mean, std = float(cfg.get("mean", (0.5,))[0]), float(cfg.get("std", (0.5,))[0])
-    return (images - mean) / std, labels, [str(i) for i in range(10)]
+    ds = DigitsDataset("val", cfg.get("mean", (0.5,)), cfg.get("std", (0.5,)))
+    return ds.images, ds.targets, [str(i) for i in range(10)]
 
 
 def _folder(model: torch.nn.Module, root: Path) -> tuple[Any, list[str]]:
@@ -93,7 +54,7 @@ def _folder(model: torch.nn.Module, root: Path) -> tuple[Any, list[str]]:
 def load_images(model: torch.nn.Module, data: str, num_images: int, seed: int = 0):
     """``(images, labels, class_names)``: ``num_images`` samples drawn with ``seed`` from ``digits`` or an ImageFolder."""
     if num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {num_images}")
+        raise UsageError(f"--num-images must be >= 1, got {num_images}")
     gen = torch.Generator().manual_seed(seed)
     if data == "digits":
         images, labels, names = _digits(model)
@@ -101,28 +62,15 @@ def load_images(model: torch.nn.Module, data: str, num_images: int, seed: int = 
         return images[idx], labels[idx], names
     root = Path(data)
     if not root.is_dir():
-        raise ValueError(f"--data {data!r} is neither 'digits' nor a folder; accepted: digits, or an ImageFolder "
+        raise UsageError(f"--data {data!r} is neither 'digits' nor a folder; accepted: digits, or an ImageFolder "
                          "directory (DIR/<class>/<image> or DIR/val/<class>/<image>)")
     ds, names = _folder(model, root)
     idx = torch.randperm(len(ds), generator=gen)[:num_images].tolist()
     samples = [ds[i] for i in idx]
     samples = [s for s in samples if s is not None]
     if not samples:
-        raise ValueError(f"no readable images in {data!r}")
+        raise UsageError(f"no readable images in {data!r}")
     return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples]), names
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
@@ -131,7 +79,7 @@ def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
     try:
         return [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
-        raise ValueError(f"--classes {text!r} is not valid; accepted: comma-separated class indices, e.g. 0,3,7") from None
+        raise UsageError(f"--classes {text!r} is not valid; accepted: comma-separated class indices, e.g. 0,3,7") from None
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -148,7 +96,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def analyse(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run the analysis the command line describes; returns the report written to ``analysis.json``."""
     from . import (connection_matrix, connection_weights, layer_similarity, plot_connection_matrix,
                    plot_layer_similarity, plot_unfolded, plot_weight_distributions)
 
@@ -181,14 +130,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "seed": args.seed, "connection_matrix": cm.to_dict(), "layer_similarity": sim.to_dict(),
         "weights": weights, "files": [p.name for p in files] + ["analysis.json"],
     }
-    _write_json(report, out / "analysis.json")
+    write_json(out / "analysis.json", report)
     print(f"wrote {', '.join(report['files'])} to {out}")
     return report
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    analyse(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main, prog="python -m hcvision.analysis"))

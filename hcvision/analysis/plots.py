@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
+from ..io import atomic_write
 from .similarity import LayerSimilarity
 from .unfold import ConnectionMatrices
 from .weights import WeightDistribution
@@ -37,19 +37,8 @@ def save_figure(fig, path: PathLike, dpi: int = 120) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"plots are written as PNG; got path {str(path)!r}, accepted: a path ending in .png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
     finally:
         _pyplot().close(fig)
     return path

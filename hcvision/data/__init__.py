@@ -1,4 +1,5 @@
 """Data sets: ImageFolder (ImageNet layout) with timm transforms and the embedded sklearn digits."""
+from .classification import classification_datasets, digits_collate
 from .digits import DIGITS_SPLIT_SEED, DIGITS_VAL_FRACTION, DigitsDataset, digits_split_indices
 from .folder import (
     SafeImageFolder,
@@ -9,6 +10,8 @@ from .folder import (
 )
 
 __all__ = [
+    "classification_datasets",
+    "digits_collate",
     "DIGITS_SPLIT_SEED",
     "DIGITS_VAL_FRACTION",
     "DigitsDataset",

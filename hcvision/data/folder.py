@@ -17,6 +17,8 @@ import torch
 from torch.utils.data import Dataset, default_collate
 from torchvision.datasets import ImageFolder
 
+from ..cli import UsageError
+
 __all__ = ["SafeImageFolder", "SeededTransformDataset", "collate_skip_bad", "check_image_folder", "build_timm_transform"]
 
 SPLITS = ("train", "val")
@@ -24,16 +26,14 @@ SPLITS = ("train", "val")
 
 def check_image_folder(data_dir: Union[str, Path]) -> None:
     """Fail early, with a one-line reason, unless ``data_dir`` has ``train/`` and ``val/`` class folders."""
-    from ..engine.config import ConfigError
-
     root = Path(data_dir)
     if not root.is_dir():
-        raise ConfigError(f"data_dir={str(root)!r} does not exist; expected a folder with train/ and val/ "
+        raise UsageError(f"data_dir={str(root)!r} does not exist; expected a folder with train/ and val/ "
                           "sub-folders of class folders (or data_dir='' for the embedded digits)")
     for split in SPLITS:
         d = root / split
         if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
-            raise ConfigError(f"data_dir={str(root)!r} has no class folders in {split}/; expected "
+            raise UsageError(f"data_dir={str(root)!r} has no class folders in {split}/; expected "
                               f"{split}/<class>/<image> (ImageFolder layout)")
 
 

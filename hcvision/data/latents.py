@@ -37,7 +37,7 @@ import bisect
 import json
 import os
 import sys
-import tempfile
+
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..engine.checkpoint import write_json_atomic
+from ..cli import UsageError, run_cli
+from ..io import save_safetensors, write_json
 
 __all__ = [
     "DEFAULT_VAE",
@@ -71,7 +72,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 PathLike = Union[str, os.PathLike]
 
 
-class VaeUnavailableError(RuntimeError):
+class VaeUnavailableError(UsageError):
     """The VAE could not be loaded (missing local path, or a hub id while offline)."""
 
 
@@ -114,7 +115,7 @@ def load_vae(spec: str = DEFAULT_VAE, device: Union[str, torch.device] = "cpu") 
     from diffusers import AutoencoderKL
 
     if not isinstance(spec, str) or not spec or spec.lower() == "none":
-        raise ValueError(f"vae={spec!r} does not name a VAE; expected a local directory or a hub id such as "
+        raise UsageError(f"vae={spec!r} does not name a VAE; expected a local directory or a hub id such as "
                          f"{DEFAULT_VAE!r}")
     path = Path(spec).expanduser()
     if path.exists():
@@ -208,17 +209,17 @@ class ExtractionSettings:
 
     def validate(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < 1:
-            raise ValueError(f"image_size={self.image_size!r} is not valid; expected an integer >= 1")
+            raise UsageError(f"image_size={self.image_size!r} is not valid; expected an integer >= 1")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not valid; expected one of {sorted(DTYPES)}")
+            raise UsageError(f"dtype={self.dtype!r} is not valid; expected one of {sorted(DTYPES)}")
         if not isinstance(self.shard_size, int) or self.shard_size < 1:
-            raise ValueError(f"shard_size={self.shard_size!r} is not valid; expected an integer >= 1")
+            raise UsageError(f"shard_size={self.shard_size!r} is not valid; expected an integer >= 1")
         if self.channels not in ("RGB", "L"):
-            raise ValueError(f"channels={self.channels!r} is not valid; expected 'RGB' or 'L'")
+            raise UsageError(f"channels={self.channels!r} is not valid; expected 'RGB' or 'L'")
         if not self.pixel_mode and self.channels != "RGB":
-            raise ValueError("channels='L' needs vae='none': an AutoencoderKL encodes RGB images")
+            raise UsageError("channels='L' needs vae='none': an AutoencoderKL encodes RGB images")
         if not self.scale_factor > 0:
-            raise ValueError(f"scale_factor={self.scale_factor!r} is not valid; expected a number > 0")
+            raise UsageError(f"scale_factor={self.scale_factor!r} is not valid; expected a number > 0")
 
 
 def _shard_name(start: int, stop: int) -> str:
@@ -239,25 +240,16 @@ def _shard_is_done(path: Path, fingerprint: Dict[str, Any], start: int, stop: in
         meta = json.loads((f.metadata() or {}).get("settings", "{}"))
         index = f.get_tensor("index")
     if meta != fingerprint:
-        raise ValueError(f"shard {str(path)!r} was written with other settings ({meta}); use a new out_dir or "
+        raise UsageError(f"shard {str(path)!r} was written with other settings ({meta}); use a new out_dir or "
                          "delete it")
     if not torch.equal(index, torch.arange(start, stop)):
-        raise ValueError(f"shard {str(path)!r} does not hold indices [{start}, {stop}); delete it and rerun")
+        raise UsageError(f"shard {str(path)!r} does not hold indices [{start}, {stop}); delete it and rerun")
     return True
 
 
 def _save_shard(tensors: Dict[str, torch.Tensor], path: Path, fingerprint: Dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"settings": json.dumps(fingerprint)})
-        os.replace(tmp, path)  # atomic: a shard is either complete or absent
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # atomic: a shard is either complete or absent
+    save_safetensors(tensors, path, metadata={"settings": json.dumps(fingerprint)})
 
 
 @torch.no_grad()
@@ -289,22 +281,22 @@ def extract_latents(
     settings = settings or ExtractionSettings()
     settings.validate()
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is not valid; expected an integer >= 1")
+        raise UsageError(f"batch_size={batch_size!r} is not valid; expected an integer >= 1")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not data_dir.is_dir():
-        raise ValueError(f"data_dir={str(data_dir)!r} does not exist; expected an ImageFolder (<class>/<image>)")
+        raise UsageError(f"data_dir={str(data_dir)!r} does not exist; expected an ImageFolder (<class>/<image>)")
     if (out_dir / MANIFEST).exists():
-        raise ValueError(f"out_dir={str(out_dir)!r} already holds a complete extraction ({MANIFEST}); choose "
+        raise UsageError(f"out_dir={str(out_dir)!r} already holds a complete extraction ({MANIFEST}); choose "
                          "another directory")
     state = process_state()
     try:
         folder = ImageFolder(str(data_dir), loader=lambda p: p)  # only the file list; decoding happens per shard
     except (FileNotFoundError, OSError) as e:
-        raise ValueError(f"data_dir={str(data_dir)!r} is not an ImageFolder (<class>/<image> files): {e}") from None
+        raise UsageError(f"data_dir={str(data_dir)!r} is not an ImageFolder (<class>/<image> files): {e}") from None
     samples, classes = folder.samples, folder.classes
     n = len(samples)
     if n == 0:
-        raise ValueError(f"data_dir={str(data_dir)!r} holds no images")
+        raise UsageError(f"data_dir={str(data_dir)!r} holds no images")
     if vae is None and not settings.pixel_mode:
         vae = load_vae(settings.vae, state.device)
     if vae is not None and not settings.pixel_mode:  # the VAE's own factor (0.18215 for the SD VAEs)
@@ -364,7 +356,7 @@ def _finalize(out_dir: Path, bounds: List[Tuple[int, int]], fingerprint: Dict[st
     expected = {_shard_name(*b) for b in bounds}
     found = {p.name for p in shard_dir.glob("*.safetensors")}
     if found - expected:
-        raise ValueError(f"{str(shard_dir)!r} holds unexpected shards {sorted(found - expected)[:4]}; remove them")
+        raise UsageError(f"{str(shard_dir)!r} holds unexpected shards {sorted(found - expected)[:4]}; remove them")
     if expected - found:
         raise RuntimeError(f"shards missing after extraction: {sorted(expected - found)[:4]}")
     seen = np.zeros(fingerprint["num_samples"], dtype=np.int64)
@@ -385,7 +377,7 @@ def _finalize(out_dir: Path, bounds: List[Tuple[int, int]], fingerprint: Dict[st
     manifest = {**fingerprint, "mode": "pixels" if settings.pixel_mode else "vae", "views": int(views),
                 "sample_shape": [int(s) for s in sample_shape],
                 "shards": [{"file": f"{SHARD_DIR}/{_shard_name(a, b)}", "start": a, "stop": b} for a, b in bounds]}
-    write_json_atomic(manifest, out_dir / MANIFEST)
+    write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 
@@ -401,11 +393,11 @@ def read_manifest(path: PathLike) -> Dict[str, Any]:
     path = Path(path)
     if not (path / MANIFEST).is_file():
         hint = " (extraction not finished: rerun it to complete)" if (path / SHARD_DIR).is_dir() else ""
-        raise ValueError(f"{str(path)!r} is not a latent directory: no {MANIFEST}{hint}. Create one with "
+        raise UsageError(f"{str(path)!r} is not a latent directory: no {MANIFEST}{hint}. Create one with "
                          "`python -m hcvision.data.latents --data-dir IMAGES --out DIR`")
     manifest = json.loads((path / MANIFEST).read_text())
     if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r} has latent format {manifest.get('format')!r}; this version reads "
+        raise UsageError(f"{str(path)!r} has latent format {manifest.get('format')!r}; this version reads "
                          f"{FORMAT_VERSION}")
     return manifest
 
@@ -502,16 +494,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     settings = ExtractionSettings(vae=args.vae, image_size=args.image_size, flip=not args.no_flip, dtype=args.dtype,
                                   shard_size=args.shard_size, channels=args.channels)
-    try:
-        manifest = extract_latents(args.data_dir, args.out, settings, batch_size=args.batch_size,
-                                   num_workers=args.num_workers)
-    except (ValueError, VaeUnavailableError) as e:
-        print(f"hcvision.data.latents: error: {e}", file=sys.stderr)
-        return 2
+    manifest = extract_latents(args.data_dir, args.out, settings, batch_size=args.batch_size,
+                               num_workers=args.num_workers)
     if manifest is not None:
         print(json.dumps({k: manifest[k] for k in ("num_samples", "mode", "views", "sample_shape", "scale_factor")}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, prog="hcvision.data.latents"))

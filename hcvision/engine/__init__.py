@@ -1,54 +1,43 @@
-"""Shared training plumbing for ``train_cls.py`` and ``train_dit.py``.
+"""The run: config, accelerator, batch arithmetic, EMA, checkpoints, trackers, results and exit codes.
 
-- :mod:`.config`: typed dataclass configs from YAML + ``key=value`` overrides, validated.
-- :mod:`.accel`: Accelerator construction, seeding, global -> per-device batch size.
-- :mod:`.checkpoint`: atomic checkpoints, exact-resume loop state, safetensors export.
-- :mod:`.ema`: fp32 EMA outside ``prepare``.
-- :mod:`.logging`: metrics.jsonl + tensorboard, tqdm progress on the main process.
-- :mod:`.loop`: the task-agnostic :class:`Trainer` (accumulation, LR schedule, signals, NaN guard).
-
-A task script (see ``train_cls.py``) is, in outline::
+A training script (``train_cls.py``, ``train_dit.py``) keeps its config class, data, loss and what happens after
+training; everything else is here. In outline::
 
     @dataclass
-    class MyConfig(BaseTrainConfig):          # add task fields; override validate() for their ranges
+    class MyConfig(BaseTrainConfig):          # task fields; validate() rejects out-of-range values
         data_dir: str = ""
 
-    cfg = parse_config(MyConfig, sys.argv[1:])               # ConfigError -> one-line message, exit 2
-    check_output_dir(cfg.output_dir, cfg.resume)             # before anything is written
-    acc = build_accelerator(cfg)
-    batch = per_device_batch_size(cfg.global_batch_size, acc.num_processes, cfg.grad_accum_steps)
-    seed_everything(cfg.seed); model = ...; loader = DataLoader(..., batch_size=batch, shuffle=True, drop_last=True)
-    opt = build_optimizer(model, cfg); ema = create_ema(model, cfg.ema_decay, acc.device) if cfg.ema else None
-    model, opt, loader = acc.prepare(model, opt, loader)
-    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    trainer = Trainer(cfg, acc, model, opt, loader, loss_fn, ema=ema, evaluate_fn=...)
-    trainer.resume(str(p) if (p := CheckpointManager(acc, cfg.output_dir).resolve(cfg.resume)) else None)
-    result = trainer.fit()    # NonFiniteLossError; result.interrupted_by set after SIGTERM/SIGINT (checkpointed)
+    def run(cfg: MyConfig) -> int:
+        with Run(cfg, "train_my") as run:      # output_dir checked, accelerator, per-device batch, world size logged
+            model = timm.create_model(cfg.model)
+            loader = DataLoader(data, batch_size=run.batch_size, shuffle=True, drop_last=True)
+            trainer = run.trainer(model, loader, loss_fn)   # resume validated before config.yaml is written
+            if (result := run.fit(trainer)) is None:
+                return run.exit_code                       # 1 non-finite loss, 128+N signal (checkpointed)
+            run.save_weights({"model": cfg.model, ...})
+            run.write_results({...})
+        return 0
 
-``loss_fn(model, batch) -> (mean loss over the local batch, local batch size)``.  Each micro-step
-reseeds the global RNGs from (seed, step, rank), so dropout/noise/timestep draws resume exactly.
+    if __name__ == "__main__":
+        sys.exit(train_main(MyConfig, run, None, "train_my.py"))   # ConfigError -> one line, exit 2
+
+``loss_fn(model, batch) -> (mean loss over the local batch, local batch size)``. Each micro-step reseeds the
+global RNGs from (seed, step, rank), so dropout/noise/timestep draws resume exactly.
 """
-from .accel import build_accelerator, release_accelerator, per_device_batch_size, reseed_for_step, seed_everything, step_seed
-from .checkpoint import (
-    CheckpointManager,
-    TrainState,
-    check_output_dir,
-    load_safetensors,
-    save_safetensors,
-    write_json_atomic,
-)
-from .config import BaseTrainConfig, ConfigError, check_model_name, coerce_value, config_to_dict, load_yaml, parse_config, save_config
+from ..io import check_model_name
+from .accel import build_accelerator, per_device_batch_size, release_accelerator, reseed_for_step, seed_everything, step_seed
+from .checkpoint import CheckpointManager, TrainState, check_output_dir, validate_resume
+from .config import BaseTrainConfig, ConfigError, require, coerce_value, config_to_dict, load_yaml, parse_config, save_config
 from .ema import create_ema, ema_state_dict, load_ema_state_dict
 from .logging import MetricsLogger, ProgressBar, ThroughputMeter
-from .loop import FitResult, fit_to_exit_code, NonFiniteLossError, SignalGuard, Trainer, build_optimizer, lr_factor, steps_per_epoch
+from .loop import FitResult, NonFiniteLossError, SignalGuard, Trainer, build_optimizer, fit_to_exit_code, lr_factor, steps_per_epoch
+from .run import Run, train_main
 
 __all__ = [
-    "BaseTrainConfig", "ConfigError", "check_model_name", "coerce_value", "config_to_dict", "load_yaml", "parse_config", "save_config",
-    "build_accelerator", "release_accelerator", "per_device_batch_size", "reseed_for_step", "seed_everything", "step_seed",
-    "CheckpointManager", "TrainState", "check_output_dir", "load_safetensors", "save_safetensors",
-    "write_json_atomic",
-    "create_ema", "ema_state_dict", "load_ema_state_dict",
-    "MetricsLogger", "ProgressBar", "ThroughputMeter",
+    "BaseTrainConfig", "ConfigError", "require", "check_model_name", "coerce_value", "config_to_dict", "load_yaml", "parse_config",
+    "save_config", "build_accelerator", "release_accelerator", "per_device_batch_size", "reseed_for_step",
+    "seed_everything", "step_seed", "CheckpointManager", "TrainState", "check_output_dir", "validate_resume",
+    "create_ema", "ema_state_dict", "load_ema_state_dict", "MetricsLogger", "ProgressBar", "ThroughputMeter",
     "FitResult", "fit_to_exit_code", "NonFiniteLossError", "SignalGuard", "Trainer", "build_optimizer", "lr_factor",
-    "steps_per_epoch",
+    "steps_per_epoch", "Run", "train_main",
 ]

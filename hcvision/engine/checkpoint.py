@@ -17,28 +17,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from .. import io
 from .config import ConfigError
 
-__all__ = [
-    "TrainState",
-    "CheckpointManager",
-    "check_output_dir",
-    "save_safetensors",
-    "load_safetensors",
-    "write_json_atomic",
-]
+__all__ = ["TrainState", "CheckpointManager", "check_output_dir", "validate_resume"]
 
-_STEP_RE = re.compile(r"^step_(\d+)$")
 RUN_MARKERS = ("config.yaml", "checkpoints", "results.json", "model.safetensors", "metrics.jsonl")
 
 
@@ -60,49 +50,23 @@ class TrainState:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: int(v) for k, v in d.items() if k in names})
 
-
-def write_json_atomic(obj: object, path: Union[str, Path]) -> None:
-    """Write JSON via a temp file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_safetensors(state_dict: Dict[str, torch.Tensor], path: Union[str, Path],
-                     metadata: Optional[Dict[str, str]] = None) -> None:
-    """Save tensors with safetensors, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_safetensors(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """Load a safetensors file (never unpickles); errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"weights file {str(path)!r} does not exist")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for truncated/foreign files
-        raise ConfigError(f"weights file {str(path)!r} is not a readable safetensors file ({e})") from None
+    @classmethod
+    def read(cls, path: Path) -> "TrainState":
+        """Parse ``train_state.json``; a damaged or foreign file is a :class:`ConfigError` naming it."""
+        try:
+            raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise ValueError(f"a JSON {type(raw).__name__}, not an object")
+            missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+            state = cls.from_dict(raw)
+        except (OSError, ValueError, TypeError) as err:
+            raise ConfigError(f"{str(path)!r} is not a readable train state ({err}); accepted: the train_state.json "
+                              "a run wrote (resume from an earlier checkpoint or start a new output_dir)") from None
+        if min(dataclasses.astuple(state)) < 0:
+            raise ConfigError(f"{str(path)!r} holds negative counters {state.to_dict()}")
+        return state
 
 
 def check_output_dir(output_dir: Union[str, Path], resume: str) -> None:
@@ -131,14 +95,7 @@ class CheckpointManager:
     # -- discovery -------------------------------------------------------------------------------
     def list(self) -> List[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = []
-        for p in self.root.iterdir():
-            m = _STEP_RE.match(p.name)
-            if m and p.is_dir() and (p / "train_state.json").is_file():
-                found.append((int(m.group(1)), p))
-        return [p for _, p in sorted(found)]
+        return io.find_checkpoints(self.root.parent)
 
     def latest(self) -> Optional[Path]:
         ckpts = self.list()
@@ -169,8 +126,8 @@ class CheckpointManager:
         acc.save_state(str(tmp))
         if acc.is_main_process:
             if ema_state is not None:
-                save_safetensors(ema_state, tmp / "ema.safetensors")
-            write_json_atomic(state.to_dict(), tmp / "train_state.json")
+                io.save_safetensors(ema_state, tmp / "ema.safetensors")
+            io.write_json(tmp / "train_state.json", state.to_dict())
         # save_state has no barrier at its end (PITFALLS): every rank's RNG file must be on disk first.
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -186,7 +143,63 @@ class CheckpointManager:
         """Restore Accelerate state from ``path``; return our loop state and EMA tensors if saved."""
         path = Path(path)
         self.accelerator.load_state(str(path))
-        state = TrainState.from_dict(json.loads((path / "train_state.json").read_text()))
+        state = TrainState.read(path / "train_state.json")
         ema_file = path / "ema.safetensors"
-        ema = load_file(str(ema_file)) if ema_file.is_file() else None
+        ema = io.load_weights(ema_file, what="EMA weights")[0] if ema_file.is_file() else None
         return state, ema
+
+
+def _fit_error(state: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor]) -> Optional[str]:
+    missing = [k for k in target if k not in state]
+    extra = [k for k in state if k not in target]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f"missing {', '.join(missing[:3])}" if missing else "", f"unexpected {', '.join(extra[:3])}" if extra else "",
+             f"shapes differ: {', '.join(shapes[:3])}" if shapes else ""]
+    return "; ".join(p for p in parts if p) or None
+
+
+def validate_resume(path: Union[str, Path], model: torch.nn.Module, cfg: Any, ema: bool) -> None:
+    """Read everything a resume from ``path`` will load and check that it fits this run, before any write.
+
+    A truncated optimizer file, garbage ``train_state.json``, weights of another model (another output_dir, or a
+    ``train_dit.py`` run resumed by ``train_cls.py``) or NaN weights are a :class:`ConfigError` naming the file.
+    """
+    from accelerate.utils import load as accelerate_load
+
+    path = Path(path)
+    TrainState.read(path / "train_state.json")
+    recorded = Path(cfg.output_dir) / "config.yaml"
+    if recorded.is_file():
+        import yaml
+
+        try:
+            previous = yaml.safe_load(recorded.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{str(recorded)!r} is not readable YAML ({str(err).splitlines()[0]})") from None
+        if isinstance(previous, dict) and previous.get("model") not in (None, cfg.model):
+            raise ConfigError(f"resume={cfg.resume!r}: {str(recorded)!r} records model={previous.get('model')!r}, "
+                              f"not model={cfg.model!r}; resume with the same model or choose another output_dir")
+    target = model.state_dict()
+    files = [("model.safetensors", "model weights")] + ([("ema.safetensors", "EMA weights")] if ema else [])
+    for name, what in files:
+        file = path / name
+        if name == "model.safetensors" and not file.is_file():
+            raise ConfigError(f"checkpoint {str(path)!r} has no {name}; accepted: a checkpoints/step_* directory "
+                              "written by this project's trainers")
+        if not file.is_file():
+            continue
+        state = io.load_weights(file, what=what)[0]
+        problem = _fit_error(state, target)
+        if problem:
+            raise ConfigError(f"{str(file)!r} does not fit model={cfg.model!r} ({problem}); it belongs to another "
+                              "model or run: resume with the model it was trained as or choose another output_dir")
+        io.check_finite(state, f"{what} {str(file)!r}")
+    for file in sorted(path.glob("optimizer*.bin")) + sorted(path.glob("random_states_*.pkl")) \
+            + sorted(path.glob("sampler*.bin")):
+        try:
+            accelerate_load(file, map_location="cpu")
+        except Exception as err:  # truncated or foreign file; accelerate's loader refuses arbitrary pickles
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"{str(file)!r} is damaged or not a training state ({first}); resume from an earlier "
+                              "checkpoint (pass resume=<its directory>) or start a new output_dir") from None

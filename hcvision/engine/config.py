@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,9 +23,12 @@ from typing import Any, Dict, Literal, Optional, Sequence, Tuple, Type, TypeVar,
 
 import yaml
 
+from ..cli import UsageError
+from ..io import write_text
+
 __all__ = [
     "ConfigError",
-    "check_model_name",
+    "require",
     "BaseTrainConfig",
     "parse_config",
     "load_yaml",
@@ -42,7 +44,7 @@ LR_SCHEDULES = ("cosine", "constant")
 RESUME_HELP = "'' (start fresh), 'auto' (latest checkpoint in output_dir) or a checkpoint directory"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A user-facing configuration error; the message is one line and names the bad value."""
 
 
@@ -90,28 +92,28 @@ class BaseTrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values outside their accepted range."""
-        _require(bool(self.model), "model", self.model, "a timm model name")
-        _require(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        _require(self.max_steps >= 0, "max_steps", self.max_steps, "an integer >= 0 (0: no limit)")
-        _require(self.global_batch_size >= 1, "global_batch_size", self.global_batch_size, "an integer >= 1")
-        _require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
-        _require(self.lr > 0 and _finite(self.lr), "lr", self.lr, "a finite number > 0")
-        _require(all(0.0 <= b < 1.0 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)")
-        _require(self.eps > 0, "eps", self.eps, "a number > 0")
-        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        _require(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {LR_SCHEDULES}")
-        _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
-        _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"a number in [0, lr={self.lr}]")
-        _require(self.clip_grad >= 0, "clip_grad", self.clip_grad, "a number >= 0 (0 disables clipping)")
-        _require(self.mixed_precision in MIXED_PRECISION, "mixed_precision", self.mixed_precision,
+        require(bool(self.model), "model", self.model, "a timm model name")
+        require(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        require(self.max_steps >= 0, "max_steps", self.max_steps, "an integer >= 0 (0: no limit)")
+        require(self.global_batch_size >= 1, "global_batch_size", self.global_batch_size, "an integer >= 1")
+        require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
+        require(self.lr > 0 and _finite(self.lr), "lr", self.lr, "a finite number > 0")
+        require(all(0.0 <= b < 1.0 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)")
+        require(self.eps > 0, "eps", self.eps, "a number > 0")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        require(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {LR_SCHEDULES}")
+        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+        require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"a number in [0, lr={self.lr}]")
+        require(self.clip_grad >= 0, "clip_grad", self.clip_grad, "a number >= 0 (0 disables clipping)")
+        require(self.mixed_precision in MIXED_PRECISION, "mixed_precision", self.mixed_precision,
                  f"one of {MIXED_PRECISION}")
-        _require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
-        _require(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "a number in (0, 1)")
-        _require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
-        _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
-        _require(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
-        _require(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
-        _require(self.resume in ("", "auto") or os.path.isdir(self.resume), "resume", self.resume, RESUME_HELP)
+        require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        require(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "a number in (0, 1)")
+        require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        require(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
+        require(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
+        require(self.resume in ("", "auto") or os.path.isdir(self.resume), "resume", self.resume, RESUME_HELP)
         # The optimizer factory validates names itself, but only after the model was built: check early.
         from timm.optim import list_optimizers
 
@@ -124,7 +126,7 @@ def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
 
 
-def _require(ok: bool, key: str, value: Any, accepted: str) -> None:
+def require(ok: bool, key: str, value: Any, accepted: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not valid; expected {accepted}")
 
@@ -353,34 +355,4 @@ def config_to_dict(cfg: Any) -> Dict[str, Any]:
 
 def save_config(cfg: Any, path: Union[str, Path]) -> None:
     """Write the resolved config as YAML, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def check_model_name(name: str, family: str = "", what: str = "timm model") -> None:
-    """Raise ``ConfigError`` unless ``name`` is a registered timm model (of ``family``, a name prefix such as ``dit_``),
-    suggesting close names; ``what`` names the family in the message."""
-    import difflib
-
-    import timm
-
-    import hcvision  # noqa: F401  (registers the hcvision families)
-
-    if timm.is_model(name) and name.startswith(family):
-        return
-    names = timm.list_models(f"{family}*")
-    close = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
-    if not close:  # e.g. a typo in the size part: match on the family prefix instead
-        close = [n for n in names if n.startswith(name.split("_")[0] + "_")][:4]
-    hint = f"; close names: {', '.join(close)}" if close else "; see timm.list_models()"
-    raise ConfigError(f"model={name!r} is not a registered {what}{hint}")
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,153 @@
+"""One training run from start to teardown, so that a task script keeps only its data, loss and evaluation.
+
+    run = Run(cfg, "train_cls")                   # output_dir checked, accelerator, per-device batch, world size
+    trainer = run.trainer(model, loader, loss_fn) # optimizer, fp32 EMA, prepare, resume validated, config, trackers
+    result = run.fit(trainer)                     # None: stopped (run.exit_code says why)
+    run.save_weights(metadata)                    # model.safetensors (+ model_ema.safetensors)
+    run.write_results({...})                      # results.json + trackers
+    run.close()                                   # trackers closed, Accelerate state released
+
+:func:`train_main` parses the config and maps errors to exit codes through :func:`hcvision.cli.run_cli`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Type
+
+import torch
+
+from .. import io
+from ..cli import run_cli
+from .accel import build_accelerator, per_device_batch_size, release_accelerator, seed_everything
+from .checkpoint import CheckpointManager, check_output_dir, validate_resume
+from .config import BaseTrainConfig, ConfigError, config_to_dict, parse_config, save_config
+from .ema import create_ema
+from .loop import FitResult, Trainer, build_optimizer, fit_to_exit_code
+
+__all__ = ["Run", "train_main"]
+
+
+class Run:
+    """The plumbing every training script shares (see the module docstring)."""
+
+    def __init__(self, cfg: BaseTrainConfig, name: str, *, writes: bool = True,
+                 tensorboard: Optional[bool] = None) -> None:
+        if writes:
+            check_output_dir(cfg.output_dir, cfg.resume)
+        self.cfg, self.name, self.writes = cfg, name, writes
+        self.out = Path(cfg.output_dir)
+        self.acc = build_accelerator(cfg, log_with_tensorboard=tensorboard if writes else False)
+        self.batch_size = per_device_batch_size(cfg.global_batch_size, self.acc.num_processes, cfg.grad_accum_steps)
+        self.exit_code = 0
+        self.model: Optional[torch.nn.Module] = None
+        self.ema: Any = None
+        seed_everything(cfg.seed)  # same initial weights on every rank and for every rerun
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    def print(self, *args: Any) -> None:
+        if self.is_main:
+            print(*args, flush=True)
+
+    def _check_launch(self) -> None:
+        """Say how many processes run and with which per-device batch; warn when a launcher asked for more."""
+        asked = int(os.environ.get("ACCELERATE_NUM_PROCESSES", os.environ.get("WORLD_SIZE", "1")) or 1)
+        n = self.acc.num_processes
+        if self.is_main:
+            print(f"{self.name}: {n} process(es) on {self.acc.device.type}, per-device batch {self.batch_size} "
+                  f"x {self.cfg.grad_accum_steps} accumulation = global batch {self.cfg.global_batch_size}",
+                  file=sys.stderr, flush=True)
+            if asked > n:
+                print(f"{self.name}: warning: the launcher asked for {asked} processes but {n} started (accelerate "
+                      "launch --cpu starts one; use torchrun --nproc_per_node N for CPU processes)", file=sys.stderr,
+                      flush=True)
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def trainer(self, model: torch.nn.Module, train_loader: Any, loss_fn: Callable, *, evaluate_fn: Any = None,
+                eval_loaders: Sequence[Any] = ()) -> Trainer:
+        """Optimizer, EMA, ``prepare``, a validated resume, then the first writes: config.yaml and trackers."""
+        cfg, acc = self.cfg, self.acc
+        resume_dir = CheckpointManager(acc, cfg.output_dir).resolve(cfg.resume)
+        if resume_dir is not None:
+            validate_resume(resume_dir, model, cfg, ema=cfg.ema)  # everything a resume reads, before any write
+        self._check_launch()
+        optimizer = build_optimizer(model, cfg)
+        self.ema = create_ema(model, cfg.ema_decay, device=acc.device) if cfg.ema else None
+        model, optimizer, train_loader, *eval_loaders = acc.prepare(model, optimizer, train_loader, *eval_loaders)
+        self.model, self.eval_loaders = model, eval_loaders
+        if self.is_main:  # from here on the run writes into output_dir
+            save_config(cfg, self.out / "config.yaml")
+        acc.init_trackers(self.name, config={k: v for k, v in config_to_dict(cfg).items()
+                                             if isinstance(v, (int, float, str, bool))})
+        trainer = Trainer(cfg, acc, model, optimizer, train_loader, loss_fn, ema=self.ema, evaluate_fn=evaluate_fn)
+        trainer.logger.log({"world_size": acc.num_processes, "per_device_batch": self.batch_size}, 0)
+        if trainer.resume(str(resume_dir) if resume_dir else None):
+            self.print(f"resumed from {resume_dir} (epoch {trainer.state.epoch}, step {trainer.state.global_step})")
+        return trainer
+
+    def fit(self, trainer: Trainer) -> Optional[FitResult]:
+        """Train; ``None`` when the run stopped early (non-finite loss, signal), with :attr:`exit_code` set."""
+        t0 = time.perf_counter()
+        result, self.exit_code = fit_to_exit_code(trainer, f"{self.name}.py")
+        self.result, self.train_seconds = result, time.perf_counter() - t0
+        return None if self.exit_code else result
+
+    # -- outputs -----------------------------------------------------------------------------------
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.acc.unwrap_model(self.model)
+
+    def save_weights(self, metadata: Dict[str, str]) -> None:
+        """Final ``model.safetensors`` and, with EMA, ``model_ema.safetensors`` (same metadata); collective."""
+        if self.is_main:
+            io.save_safetensors(self.unwrapped.state_dict(), self.out / "model.safetensors", metadata=metadata)
+            if self.ema is not None:
+                io.save_safetensors(self.ema.module.state_dict(), self.out / "model_ema.safetensors",
+                                    metadata=metadata)
+        self.acc.wait_for_everyone()
+
+    def write_results(self, results: Dict[str, Any], shown: Sequence[str] = ()) -> Dict[str, Any]:
+        """``results.json`` with the run's common fields appended; numeric results go to the trackers too."""
+        st = self.result.state
+        results = {
+            **results,
+            "epochs": st.epoch,
+            "global_step": st.global_step,
+            "images_seen": st.images_seen,
+            "images_per_sec": round(self.result.images_per_sec, 2),
+            "train_seconds_this_session": round(self.train_seconds, 2),
+            "num_processes": self.acc.num_processes,
+            "per_device_batch": self.batch_size,
+            "mixed_precision": self.cfg.mixed_precision,
+        }
+        numeric = {f"final/{k}": v for k, v in results.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numeric:
+            self.acc.log(numeric, step=st.global_step)
+        if self.is_main:
+            io.write_json(self.out / "results.json", results)
+            print(json.dumps({k: results[k] for k in shown if k in results}), flush=True)
+        self.acc.wait_for_everyone()
+        return results
+
+    def close(self) -> None:
+        release_accelerator(self.acc)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def train_main(config_cls: Type[BaseTrainConfig], run: Callable[[Any], int], argv: Optional[Sequence[str]],
+               prog: str) -> int:
+    """``parse_config`` + ``run`` behind the one exit-code wrapper."""
+    return run_cli(lambda args: run(parse_config(config_cls, sys.argv[1:] if args is None else list(args))),
+                   argv, prog)

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench_overhead import machine_info, time_interleaved, vit_workload  # noqa: E402
 
+from hcvision.io import atomic_write  # noqa: E402
 from hcvision.connections import build_connection, expand_streams  # noqa: E402
 from hcvision.connections.kernels import cpu_loops as _kernels  # noqa: E402
 
@@ -147,11 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {kind}{n} | {target or '–'} | {budget_txt} | {extra:.2f} ({extra / copy_ms:.0f}) | {implied:.3f} | "
               f"{floor:.3f} |")
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(dict(machine=machine_info(), rate=n, step_ms=step_ms, copy_ms=copy_ms, primitives_ms=prim,
-                           connection_ms=conn, kinds=rows, fused_floor=floor), fh, indent=1)
-        os.replace(tmp, args.out)
+        record = dict(machine=machine_info(), rate=n, step_ms=step_ms, copy_ms=copy_ms, primitives_ms=prim,
+                      connection_ms=conn, kinds=rows, fused_floor=floor)
+        atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
         print(f"\nwrote {args.out}")
     return 0
 

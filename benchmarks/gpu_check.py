@@ -49,6 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import hcvision  # noqa: E402,F401  (registers the models)
 from hcvision.connections import build_connection, stream_shape  # noqa: E402
+from hcvision.io import atomic_write  # noqa: E402
 
 KINDS = ("shc", "dhc", "sfc", "dfc", "mhc")
 RATES = (2, 4)
@@ -346,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = all(r["ok"] for r in report["correctness"]) and all(r["finite"] for r in report["timing"]) \
         and all(r["ok"] for r in report.get("end_to_end", []))
     report["ok"] = ok
-    tmp_out = Path(args.out).with_suffix(".json.tmp")  # written whole, then renamed (hcvision/io.py when it lands)
-    tmp_out.write_text(json.dumps(report, indent=1))
-    os.replace(tmp_out, args.out)
+    atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
     print(f"\n{'OK' if ok else 'FAILED'} in {report['seconds']:.0f} s; figures in {args.out}")
     return 0 if ok else 1
 

@@ -47,20 +47,25 @@ class _SinkhornKnopp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, iters: int, log_domain: bool | None = None) -> torch.Tensor:
-        m = torch.exp(logits - logits.amax(dim=0, keepdim=True))
-        cols, rows = [], []
-        for _ in range(iters):  # in place: nothing of forward is kept but the sums
-            c = m.sum(dim=0, keepdim=True)
-            m.div_(c)
-            r = m.sum(dim=1, keepdim=True)
-            m.div_(r)
-            cols.append(c)
-            rows.append(r)
-        cols_t, rows_t = torch.stack(cols), torch.stack(rows)
-        floor = torch.finfo(m.dtype).tiny ** 0.5
-        # log_domain: None decides by the sums (one host sync); True / False force a path (tests)
-        # (NaN, after a zero sum was divided by, compares False: also the log path)
-        ctx.log_domain = not bool(torch.minimum(cols_t.amin(), rows_t.amin()) >= floor) if log_domain is None else log_domain
+        if log_domain is None and torch.compiler.is_compiling():
+            log_domain = True  # no data-dependent branch (a host sync) inside a compiled graph
+        m = torch.exp(logits - logits.amax(dim=0, keepdim=True)) if not log_domain else logits
+        if not log_domain:
+            cols, rows = [], []
+            for _ in range(iters):  # in place: nothing of forward is kept but the sums
+                c = m.sum(dim=0, keepdim=True)
+                m.div_(c)
+                r = m.sum(dim=1, keepdim=True)
+                m.div_(r)
+                cols.append(c)
+                rows.append(r)
+            cols_t, rows_t = torch.stack(cols), torch.stack(rows)
+            floor = torch.finfo(m.dtype).tiny ** 0.5
+            # log_domain None decides by the sums (one host sync); True / False force a path (tests). NaN, after a
+            # zero sum was divided by, compares False: also the log path.
+            if log_domain is None:
+                log_domain = not bool(torch.minimum(cols_t.amin(), rows_t.amin()) >= floor)
+        ctx.log_domain = bool(log_domain)
         if ctx.log_domain:
             L = logits.clone()
             cols, rows = [], []

@@ -116,30 +116,6 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator) -> Dict[st
     """Top-k over the whole (sharded) split; ``gather_for_metrics`` drops the padding of uneven splits."""
     was_training = model.training
     model.eval()
-    hits_total = torch.zeros(len(TOPK), dtype=torch.long)
-    count = 0
-    skipped = 0
-    for x, y, n_bad in loader:
-        skipped += int(n_bad)
-        valid = y >= 0  # unreadable files come as target -1 (collate keeps the batch shape)
-        logits = model(x) if len(y) else torch.zeros(0, 1, device=y.device)
-        hits = topk_hits(logits, y, TOPK)  # per sample, so gather_for_metrics can drop the padding
-        hits, valid = accelerator.gather_for_metrics((hits, valid))
-        hits_total += hits.long().sum(0).cpu()
-        count += int(valid.sum())
-    skipped_t = accelerator.reduce(torch.tensor([skipped], device=accelerator.device), reduction="sum")
-    if was_training:
-        model.train()
-    out = {f"top{k}": 100.0 * h.item() / max(1, count) for k, h in zip(TOPK, hits_total)}
-    out.update(num_samples=count, skipped_images=int(skipped_t.item()))
-    return out
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator) -> Dict[str, float]:
-    """Top-k over the whole (sharded) split; ``gather_for_metrics`` drops the padding of uneven splits."""
-    was_training = model.training
-    model.eval()
     hits_total, count, skipped = torch.zeros(len(TOPK), dtype=torch.long), 0, 0
     for x, y, n_bad in loader:
         skipped += int(n_bad)

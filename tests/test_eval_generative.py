@@ -439,11 +439,14 @@ def test_digits_metrics_cls_acc_and_cli(one_thread, digits_classifier, digits_ui
     for i, img in enumerate(gen_imgs):
         Image.fromarray(img).save(ref_dir / f"{i:04d}.png")
     out, stats_path = tmp_path / "results.json", tmp_path / "ref_stats.npz"
+    prov = tmp_path / "sample_config.json"  # what a sampler recorded; --steps overrides its 250
+    prov.write_text(json.dumps({"objective": "ddpm", "sampler": "ddpm", "steps": 250, "guidance_scale": 1.5,
+                                "guidance_channels": 1, "seed": 3}))
     env = {**os.environ, "HCV_DIGITS_CLASSIFIER": str(clf), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "hcvision.eval.generative", "--gen", str(gen_npz), "--ref", str(ref_dir),
          "--write-ref-stats", str(stats_path), "--feature-extractor", DIGITS_EXTRACTOR, "--device", "cpu",
-         "--out", str(out)],
+         "--out", str(out), "--provenance", str(prov), "--steps", "100", "--guidance-interval", "0", "500", "--ema"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     written = json.loads(out.read_text())
@@ -455,6 +458,10 @@ def test_digits_metrics_cls_acc_and_cli(one_thread, digits_classifier, digits_ui
     assert (written["num_samples"], written["num_ref_samples"]) == (300, 300)
     assert written["reference"] == "ref_png" and written["reference_sha256"] == input_sha256(ref_dir)
     assert written["extractors"] == {DIGITS_EXTRACTOR: {"weights_sha256": file_sha256(clf)}}
+    assert {k: written.get(k) for k in ("objective", "sampler", "steps", "guidance_scale", "guidance_interval",
+                                        "guidance_channels", "ema", "seed")} == {
+        "objective": "ddpm", "sampler": "ddpm", "steps": 100, "guidance_scale": 1.5, "guidance_interval": [0.0, 500.0],
+        "guidance_channels": 1, "ema": True, "seed": None}
     np.testing.assert_allclose(load_stats(stats_path).features, f_gen, rtol=1e-4, atol=1e-5)
     # The same images against themselves: FID ~ 0, precision = recall = 1.
     assert written["metrics"]["fid"] == pytest.approx(0.0, abs=1e-6)
@@ -502,3 +509,28 @@ def test_committed_digits_classifiers_reproduce_recorded_top1(one_thread):
         assert (pred_u8 != pred_float).sum() <= 1, name
         acc = cls_acc(u8.permute(0, 2, 3, 1).numpy(), ds.targets.numpy(), weights_path=path, device="cpu")
         assert acc == (pred_u8 == ds.targets).double().mean().item()
+
+
+# ------------------------------------------------------------------------------------------------ top-k accumulation
+
+
+def test_topk_accumulator_add_hits_matches_update_on_the_valid_samples():
+    """What a distributed evaluation feeds it: per-sample hits gathered across ranks plus a validity mask (unreadable
+    images come with target -1). The count must equal update() on the valid samples alone."""
+    from hcvision.eval import TopKAccumulator, topk_hits
+
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(20, 7, generator=g), torch.randint(0, 7, (20,), generator=g)
+    valid = torch.ones(20, dtype=torch.bool)
+    valid[[2, 5, 11]] = False
+    targets[~valid] = -1
+    gathered = TopKAccumulator((1, 3))
+    for sl in (slice(0, 8), slice(8, 20)):  # two "ranks"
+        gathered.add_hits(topk_hits(logits[sl], targets[sl], (1, 3)), valid[sl])
+    direct = TopKAccumulator((1, 3))
+    direct.update(logits[valid], targets[valid])
+    assert gathered.compute() == direct.compute() and gathered.count == 17
+    expect = [(logits[valid].topk(k, 1).indices == targets[valid, None]).any(1).sum().item() for k in (1, 3)]
+    assert gathered.correct.tolist() == expect
+    with pytest.raises(ValueError, match=r"\(batch, 2\)"):
+        gathered.add_hits(torch.zeros(4, 3, dtype=torch.bool))

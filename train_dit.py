@@ -100,7 +100,7 @@ class DitConfig(BaseTrainConfig):
         require(self.time_sampling in (TIME_SAMPLINGS if self.objective == "flow" else ("uniform",)), "time_sampling",
                 self.time_sampling, f"one of {TIME_SAMPLINGS} for objective=flow, 'uniform' for objective=ddpm")
         require(self.eval_scheduler in ("", *SAMPLERS[self.objective]), "eval_scheduler", self.eval_scheduler,
-                f"one of {SAMPLERS[self.objective]} for objective={self.objective} ('' = {DEFAULT_SAMPLER[self.objective]})")
+                f"one of {SAMPLERS[self.objective]} for objective={self.objective} ('' = {self.sampler})")
         lo, hi = self.guidance_interval
         require(0.0 <= lo <= hi <= 1.0, "guidance_interval", list(self.guidance_interval),
                 "[lo, hi] with 0 <= lo <= hi <= 1 (noise levels: 0 = data, 1 = noise)")
@@ -118,8 +118,10 @@ class DitConfig(BaseTrainConfig):
 
     @property
     def sampler(self) -> str:
-        """The sampler of the final evaluation and the saved weights' default: ``eval_scheduler`` or the objective's."""
-        return self.eval_scheduler or DEFAULT_SAMPLER.get(self.objective, "ddpm")
+        """The sampler of the final evaluation and the saved weights' default: ``eval_scheduler`` if it is one of the
+        objective's, else the objective's default."""
+        ok = self.eval_scheduler in SAMPLERS.get(self.objective, ())
+        return self.eval_scheduler if ok else DEFAULT_SAMPLER.get(self.objective, "ddpm")
 
 
 def digits_classifier_path(cfg: DitConfig) -> Path:

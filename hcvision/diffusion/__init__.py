@@ -25,7 +25,8 @@ on t in [0, 0.7])::
 ``scheduler`` is ``"ddpm"``, ``"ddim"`` or ``"dpmsolver++"`` for DDPM models and ``"euler"``, ``"heun"`` or ``"sde"``
 for flow models (see :mod:`hcvision.diffusion.sampling`). ``GaussianDiffusion(use_timesteps=space_timesteps(1000,
 250)).p_sample`` is our own respaced ancestral step; it matches diffusers' ``DDPMScheduler.step`` (tested).
-REPA (representation alignment) is :mod:`hcvision.diffusion.repa`.
+REPA (representation alignment) is :mod:`hcvision.diffusion.repa`; :class:`DiffusionLoss` is the trainer's loss
+(objective + optional REPA term, all-reduced value).
 """
 from .gaussian_diffusion import (
     GaussianDiffusion,
@@ -55,10 +56,12 @@ from .sampling import (
     objective_of,
     sample,
 )
+from .loss import DiffusionLoss
 
 __all__ = [
     "DDPM_SAMPLERS",
     "DEFAULT_SAMPLER",
+    "DiffusionLoss",
     "FlowMatching",
     "METADATA_KEYS",
     "OBJECTIVES",

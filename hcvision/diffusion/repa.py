@@ -97,6 +97,13 @@ class REPA(nn.Module):
         tokens = output if output.ndim == 3 else reduce_streams(output, self.model.connection)  # (B, T, C)
         self._projected = self.projector(tokens)
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """The DiT's no-decay names under this wrapper's ``model.`` prefix (timm's optimizer factory reads this from
+        the module it is given: without it, the static connection parameters would be decayed under REPA)."""
+        inner = getattr(self.model, "no_weight_decay", None)
+        return {f"model.{n}" for n in (inner() if inner is not None else ())}
+
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """The DiT's forward; the projected tokens of this call are kept for :meth:`alignment_loss`."""
         self._projected = None

@@ -111,12 +111,18 @@ class Run:
     def unwrapped(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.model)
 
-    def save_weights(self, metadata: Dict[str, str]) -> None:
-        """Final ``model.safetensors`` and, with EMA, ``model_ema.safetensors`` (same metadata); collective."""
+    def save_weights(self, metadata: Dict[str, str],
+                     select: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> None:
+        """Final ``model.safetensors`` and, with EMA, ``model_ema.safetensors`` (same metadata); collective.
+
+        ``select`` picks the part of the trained module whose weights are written (e.g. the DiT inside a REPA
+        wrapper, whose projector only serves training); checkpoints keep the whole module for exact resume.
+        """
         if self.is_main:
-            io.save_safetensors(self.unwrapped.state_dict(), self.out / "model.safetensors", metadata=metadata)
+            io.save_safetensors(select(self.unwrapped).state_dict(), self.out / "model.safetensors",
+                                metadata=metadata)
             if self.ema is not None:
-                io.save_safetensors(self.ema.module.state_dict(), self.out / "model_ema.safetensors",
+                io.save_safetensors(select(self.ema.module).state_dict(), self.out / "model_ema.safetensors",
                                     metadata=metadata)
         self.acc.wait_for_everyone()
 

@@ -123,7 +123,10 @@ def _timm_file(spec: str) -> Optional[Path]:
 
     if not timm.is_model(spec.split(".")[0]):
         return None
-    cfg = get_pretrained_cfg(spec)
+    try:
+        cfg = get_pretrained_cfg(spec)
+    except RuntimeError:  # timm: "Invalid pretrained tag"
+        cfg = None
     if cfg is None:
         tags = [n for n in timm.list_pretrained(f"{spec.split('.')[0]}.*")][:6]
         raise UsageError(f"pretrained={spec!r}: timm has no such tag; tags of this model: {', '.join(tags) or 'none'}")

@@ -233,12 +233,13 @@ CASES = [
     # -- generative evaluation ---------------------------------------------------------------------------------
     ("eval-gen-missing", EVAL, ["--gen", "{root}/nope.npz", "--ref", "{root}/images/val"], r"nope.npz"),
     ("eval-planted-inception", EVAL, ["--gen", "{root}/images/val/a", "--ref", "{root}/images/val/b",
-                                      "--inception-weights", "{root}/planted.pth.tar"], r"planted"),
+                                      "--inception-weights", "{root}/planted.pth.tar", "--no-prc", "--no-isc"], r"planted"),
     ("eval-out-under-file", EVAL, ["--gen", "{root}/images/val/a", "--ref", "{root}/images/val/b", "--out",
                                    "{root}/a_file/r.json", "--feature-extractor", "hcv-digits", "--weights",
                                    "{root}/vit.safetensors"], r"a_file"),
     ("eval-nan-classifier", EVAL, ["--gen", "{root}/images/val/a", "--ref", "{root}/images/val/b",
-                                   "--feature-extractor", "hcv-digits", "--weights", "{root}/vit_nan.safetensors"],
+                                   "--feature-extractor", "hcv-digits", "--weights", "{root}/vit_nan.safetensors",
+                                   "--no-prc", "--no-isc"],
      r"NaN"),
     # -- analysis ----------------------------------------------------------------------------------------------
     ("analysis-unknown-model", ANALYSIS, ["--model", "vit_digits_patch2_8_dhx2", "--out", "{root}/a"], r"dhx2"),

@@ -275,3 +275,22 @@ def test_connection_lr_scale_puts_connection_parameters_in_scaled_groups():
     # Scale 1 keeps timm's own grouping (identical to the default call).
     plain = build_optimizer(model, _Cfg(model="vit_digits_patch2_8_dhc2", lr=1e-3, weight_decay=0.05))
     assert {g["lr"] for g in plain.param_groups} == {1e-3}
+
+
+def test_run_logs_world_size_and_warns_when_the_launcher_started_fewer_processes(tmp_path, monkeypatch, capsys):
+    from hcvision.engine import Run
+
+    cfg = _Cfg(output_dir=str(tmp_path / "run"), global_batch_size=8, grad_accum_steps=2, tensorboard=False)
+    with Run(cfg, "train_x") as run:
+        run._check_launch()
+    err = capsys.readouterr().err
+    assert "1 process(es) on cpu, per-device batch 4 x 2 accumulation = global batch 8" in err
+    assert "warning" not in err
+    # What `accelerate launch --cpu --num_processes 2` leaves in the environment of the one process it starts.
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with Run(cfg, "train_x") as run:
+        run._check_launch()
+    assert "warning: the launcher asked for several processes but 1 started" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing is written before the trainer is set up

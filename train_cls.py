@@ -37,7 +37,7 @@ from hcvision import io
 from hcvision.data import classification_datasets
 from hcvision.data.sources import make_loader, parse_data
 from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, require, train_main
-from hcvision.eval.classification import topk_hits
+from hcvision.eval.classification import TopKAccumulator, topk_hits
 from hcvision.pretrained import PretrainedSource, create_pretrained, resolve_pretrained
 
 TOPK = (1, 5)
@@ -130,20 +130,15 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator) -> Dict[st
     """Top-k over the whole (sharded) split; ``gather_for_metrics`` drops the padding of uneven splits."""
     was_training = model.training
     model.eval()
-    hits_total, count, skipped = torch.zeros(len(TOPK), dtype=torch.long), 0, 0
+    acc, skipped = TopKAccumulator(TOPK), 0
     for x, y, n_bad in loader:
         skipped += int(n_bad)
-        valid = y >= 0  # unreadable files come as target -1 (collate keeps the batch shape)
         logits = model(x) if len(y) else torch.zeros(0, 1, device=y.device)
-        hits = topk_hits(logits, y, TOPK)  # per sample, so gather_for_metrics can drop the padding
-        hits, valid = accelerator.gather_for_metrics((hits, valid))
-        hits_total += hits.long().sum(0).cpu()
-        count += int(valid.sum())
-    skipped_t = accelerator.reduce(torch.tensor([skipped], device=accelerator.device), reduction="sum")
+        # per sample, so gather_for_metrics can drop the padding; unreadable files come as target -1
+        acc.add_hits(*accelerator.gather_for_metrics((topk_hits(logits, y, TOPK), y >= 0)))
     model.train(was_training)
-    out = {f"top{k}": 100.0 * h.item() / max(1, count) for k, h in zip(TOPK, hits_total)}
-    out.update(num_samples=count, skipped_images=int(skipped_t.item()))
-    return out
+    skipped_t = accelerator.reduce(torch.tensor([skipped], device=accelerator.device), reduction="sum")
+    return {**acc.compute(), "skipped_images": int(skipped_t.item())}
 
 
 def evaluate_with_ema(model, ema_module, loader, accelerator) -> Dict[str, float]:

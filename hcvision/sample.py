@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .cli import UsageError, run_cli
+from .eval.provenance import provenance_fields
 from .data.latents import VaeUnavailableError, process_state
 from .diffusion import DEFAULT_SAMPLER, SAMPLERS, objective_of, read_sampling_metadata
 from .diffusion import sample as diffusion_sample
@@ -341,7 +342,11 @@ def run(args: argparse.Namespace) -> int:
     config = {"model": info["model"], "weights": info["weights"], "weights_sha256": info["sha256"],
               "objective": objective, "num_samples": args.num_samples, "scheduler": scheduler, "steps": steps,
               "cfg_scale": cfg_scale, "guidance_channels": gc, "guidance_interval": list(interval),
-              "classes": classes, "vae": vae_spec, "seed": args.seed, "num_classes": model.num_classes}
+              "classes": classes, "vae": vae_spec, "seed": args.seed, "num_classes": model.num_classes,
+              # the keys `python -m hcvision.eval.generative --provenance sample_config.json` carries into its results
+              **provenance_fields(num_samples=args.num_samples, objective=objective, sampler=scheduler, steps=steps,
+                                  guidance_scale=cfg_scale, guidance_interval=list(interval), guidance_channels=gc,
+                                  ema="ema" in Path(info["weights"]).name)}
     sample_to_dir(model, out, args.num_samples, state=state, sample_shape=(model.in_chans, *model.input_size),
                   num_classes=model.num_classes, null_class=model.null_class, scheduler=scheduler, steps=steps,
                   cfg_scale=cfg_scale, guidance_channels=gc, guidance_interval=interval, classes=classes,

@@ -2,16 +2,22 @@
 """Train a class-conditional (HC-)DiT with Accelerate, then sample it and score the samples.
 
     python train_dit.py                                     # digits demo: SHCx2 DiT in pixel space, CPU, < 10 min
+    python train_dit.py objective=flow                      # the same with SiT's flow matching (SDE sampler)
     python train_dit.py --config configs/dit/dit_xl_2_shc2.yaml data_dir=/data/imagenet256_latents
     python train_dit.py model=dit_digits_2_res output_dir=runs/dit_res      # the residual baseline
     torchrun --nproc_per_node 8 train_dit.py --config ...   # DDP (accelerate launch works too)
 
 ``data_dir`` is a directory written by ``python -m hcvision.data.latents`` (VAE posteriors, or pixels with
 ``--vae none``); empty means scikit-learn's digits in pixel space (1x8x8, [-1, 1]) with the fixed held-out split.
-Training is DiT's: uniform t over 1000 linear-beta steps, hybrid loss (epsilon MSE + VLB for the learned sigma),
-label dropout ``class_dropout_prob`` (null class = ``num_classes``), AdamW, EMA in fp32. Everything generic
-(config, accumulation, exact resume, SIGTERM, NaN guard, logging) is :mod:`hcvision.engine`.
+``objective=ddpm`` (default) is DiT's: uniform t over 1000 linear-beta steps, hybrid loss (epsilon MSE + VLB for the
+learned sigma). ``objective=flow`` is SiT's: linear interpolant, velocity MSE, ``time_sampling=uniform|logit_normal``.
+``repa_weight > 0`` adds REPA's alignment of the tokens after block ``repa_block`` with a frozen encoder read from the
+local file ``repa_encoder`` (pixel data only: the encoder sees the clean images). Both: label dropout
+``class_dropout_prob`` (null class = ``num_classes``), AdamW, EMA in fp32; the losses are :mod:`hcvision.diffusion`.
+Everything generic (config, accumulation, exact resume, SIGTERM, NaN guard, logging) is :mod:`hcvision.engine`.
 
+The saved weights are the DiT's alone (no REPA projector or encoder) and record the objective and the sampling
+defaults (``eval_scheduler``, ``eval_steps``, ``cfg_scale``, ``guidance_*``), which ``python -m hcvision.sample`` uses.
 At the end the EMA model generates ``eval_samples`` class-balanced samples (see :mod:`hcvision.sample`):
 ``samples/grid.png`` (one row per class), ``samples/samples.npz`` (ADM layout) and ``results.json`` with FID,
 precision, recall (and IS) from ``hcv-digits`` features against the held-out digits, plus ``cls_acc``, the share of
@@ -25,7 +31,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -34,10 +40,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import hcvision  # noqa: F401  (registers the DiT family with timm)
+from hcvision import io
 from hcvision.data.generative import diffusion_dataset, digits_pixels, sample_decoder
+from hcvision.diffusion import (DEFAULT_SAMPLER, OBJECTIVES, SAMPLERS, TIME_SAMPLINGS, DiffusionLoss, make_sampler,
+                                sampling_metadata)
+from hcvision.diffusion.repa import DEFAULT_ENCODER, REPA, base_model, load_repa_encoder
 from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, require, train_main
-
-SCHEDULERS = ("ddpm", "ddim", "dpmsolver++")
 
 
 @dataclass
@@ -61,13 +69,22 @@ class DitConfig(BaseTrainConfig):
     data_dir: str = ""  # '' = embedded digits (pixels); else a directory from `python -m hcvision.data.latents`
     hflip: bool = True  # latent/pixel directories: random horizontal flip (the stored flipped posterior)
     # -- diffusion -----------------------------------------------------------------------------
+    objective: str = "ddpm"  # ddpm (DiT: epsilon + learned sigma) | flow (SiT: linear interpolant, velocity)
+    time_sampling: str = "uniform"  # flow: uniform (SiT, REPA) | logit_normal (SD3, LightningDiT); ddpm: uniform
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (DiT: 0.1)
+    repa_weight: float = 0.0  # REPA's lambda (paper: 0.5); 0 = no REPA
+    repa_block: int = 8  # align the tokens after this block (1-based; REPA: 8 of SiT-XL's 28)
+    repa_encoder: str = ""  # local weights file of the frozen encoder (never downloaded)
+    repa_encoder_model: str = DEFAULT_ENCODER  # its timm name (DINOv2-B/14)
+    repa_encoder_kwargs: Dict[str, Any] = field(default_factory=dict)  # timm kwargs of the encoder (tests: tiny ones)
+    repa_projector_dim: int = 2048  # hidden width of REPA's MLP projector
     # -- final sampling and evaluation ---------------------------------------------------------
     eval_samples: int = 1000  # class-balanced samples from the EMA model after training; 0 skips
-    eval_scheduler: str = "ddpm"
+    eval_scheduler: str = ""  # '' = the objective's default: ddpm (DDPM), sde (flow); see hcvision.diffusion.SAMPLERS
     eval_steps: int = 100
     cfg_scale: float = 1.5
     guidance_channels: int = 0  # 0 = auto: 3 of 4 latent channels (DiT), all channels otherwise
+    guidance_interval: Tuple[float, float] = (0.0, 1.0)  # guide only at noise levels in [lo, hi] (REPA: 0, 0.7)
     eval_batch_size: int = 250  # per process
     eval_seed: int = 0
     eval_ref: str = ""  # latent runs: reference images / .npz / stats for FID (Inception); digits: held-out split
@@ -79,7 +96,17 @@ class DitConfig(BaseTrainConfig):
         require(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob", self.class_dropout_prob,
                 "a number in [0, 1) (0 disables classifier-free guidance)")
         require(self.eval_samples >= 0, "eval_samples", self.eval_samples, "an integer >= 0 (0 skips)")
-        require(self.eval_scheduler in SCHEDULERS, "eval_scheduler", self.eval_scheduler, f"one of {SCHEDULERS}")
+        require(self.objective in OBJECTIVES, "objective", self.objective, f"one of {OBJECTIVES}")
+        require(self.time_sampling in (TIME_SAMPLINGS if self.objective == "flow" else ("uniform",)), "time_sampling",
+                self.time_sampling, f"one of {TIME_SAMPLINGS} for objective=flow, 'uniform' for objective=ddpm")
+        require(self.eval_scheduler in ("", *SAMPLERS[self.objective]), "eval_scheduler", self.eval_scheduler,
+                f"one of {SAMPLERS[self.objective]} for objective={self.objective} ('' = {self.sampler})")
+        lo, hi = self.guidance_interval
+        require(0.0 <= lo <= hi <= 1.0, "guidance_interval", list(self.guidance_interval),
+                "[lo, hi] with 0 <= lo <= hi <= 1 (noise levels: 0 = data, 1 = noise)")
+        require(0.0 <= self.repa_weight < float("inf"), "repa_weight", self.repa_weight, "a number >= 0 (0: no REPA)")
+        require(self.repa_block >= 1, "repa_block", self.repa_block, "an integer >= 1 (a block of the DiT)")
+        require(self.repa_projector_dim >= 1, "repa_projector_dim", self.repa_projector_dim, "an integer >= 1")
         require(1 <= self.eval_steps <= 1000, "eval_steps", self.eval_steps, "an integer in [1, 1000]")
         require(0 <= self.cfg_scale < float("inf"), "cfg_scale", self.cfg_scale, "a number >= 0 (1: no guidance)")
         require(self.guidance_channels >= 0, "guidance_channels", self.guidance_channels, "0 (auto) or k >= 1")
@@ -88,6 +115,13 @@ class DitConfig(BaseTrainConfig):
         if self.cfg_scale != 1.0 and self.class_dropout_prob == 0.0 and self.eval_samples:
             raise ConfigError(f"cfg_scale={self.cfg_scale} needs label dropout (class_dropout_prob > 0) to train the "
                               "null class; set cfg_scale=1 or class_dropout_prob=0.1")
+
+    @property
+    def sampler(self) -> str:
+        """The sampler of the final evaluation and the saved weights' default: ``eval_scheduler`` if it is one of the
+        objective's, else the objective's default."""
+        ok = self.eval_scheduler in SAMPLERS.get(self.objective, ())
+        return self.eval_scheduler if ok else DEFAULT_SAMPLER.get(self.objective, "ddpm")
 
 
 def digits_classifier_path(cfg: DitConfig) -> Path:
@@ -113,14 +147,14 @@ def digits_classifier_path(cfg: DitConfig) -> Path:
 
 
 def check_model_fits(cfg: DitConfig, model_kwargs: Dict[str, Any], sample_shape: Tuple[int, ...],
-                     num_classes: int) -> None:
-    """The data's sample shape and class count must be what the model takes (checked on the meta device)."""
+                     num_classes: int) -> torch.nn.Module:
+    """The data's sample shape and class count must be what the model takes (checked on the meta device, whose
+    model is returned)."""
     declared = model_kwargs.get("num_classes")
     if declared is not None and int(declared) != num_classes:
         raise ConfigError(f"model_kwargs.num_classes={declared!r} does not match the {num_classes} classes of the data "
                           f"(class ids 0..{num_classes - 1}); drop it or use matching data")
-    with torch.device("meta"):
-        model = timm.create_model(cfg.model, **{**model_kwargs, "num_classes": num_classes})
+    model = io.create_model(cfg.model, {**model_kwargs, "num_classes": num_classes}, meta=True)
     takes = (model.in_chans, *model.input_size)
     if tuple(sample_shape) != takes:
         raise ConfigError(
@@ -128,30 +162,24 @@ def check_model_fits(cfg: DitConfig, model_kwargs: Dict[str, Any], sample_shape:
             f"model for this input (e.g. a dit_* model for 4x32x32 SD-VAE latents of 256px images, dit_digits_2_* "
             f"for the digits) or set model_kwargs.input_size={sample_shape[-1]} / model_kwargs.in_chans="
             f"{sample_shape[0]}")
+    return model
 
 
-class DiffusionLoss:
-    """DiT's hybrid loss at uniform t; the returned value is the mean over *all* processes.
+def repa_encoder(cfg: DitConfig, model: torch.nn.Module, info: Dict[str, Any]) -> Optional[torch.nn.Module]:
+    """REPA's frozen encoder from its local file (None without REPA); every misfit is a ConfigError before any write.
 
-    The gradient is the local loss's (DDP averages gradients itself); only the value is replaced by the all-reduced
-    mean, ``loss + (global - loss).detach()``, so the Trainer logs and NaN-checks the global loss on every rank.
+    It reads images of the DiT's token grid times its patch size (REPA: 16 x 14 = 224 px for SiT-XL/2 at 256 px).
     """
-
-    def __init__(self, accelerator: Any) -> None:
-        from hcvision.diffusion import GaussianDiffusion
-
-        self.acc = accelerator
-        self.diffusion = GaussianDiffusion()
-
-    def __call__(self, model: torch.nn.Module, batch: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, int]:
-        x, y = batch
-        # Global RNGs are reseeded per micro-step by the Trainer: t and the noise are resume-exact.
-        t = self.diffusion.sample_timesteps(x.shape[0], device=x.device)
-        loss = self.diffusion.training_losses(model, x, t, y=y)["loss"].mean()
-        if self.acc.num_processes > 1:
-            mean = self.acc.reduce(loss.detach().clone(), reduction="mean")
-            loss = loss + (mean - loss).detach()
-        return loss, int(x.shape[0])
+    if not cfg.repa_weight:
+        return None
+    if info["mode"] != "pixels":
+        raise ConfigError(f"repa_weight={cfg.repa_weight} needs the clean images for the encoder, but data_dir="
+                          f"{cfg.data_dir!r} holds {info['mode']} latents only; use pixel data or repa_weight=0")
+    depth = len(model.blocks)
+    require(cfg.repa_block <= depth, "repa_block", cfg.repa_block, f"a block in 1..{depth} (model has {depth} blocks)")
+    patch = int(cfg.repa_encoder_kwargs.get("patch_size", 14))  # DINOv2's patch is 14
+    return load_repa_encoder(cfg.repa_encoder, cfg.repa_encoder_model, img_size=model.grid_size[0] * patch,
+                             **cfg.repa_encoder_kwargs)
 
 
 def sample_and_score(cfg: DitConfig, accelerator: Any, model: torch.nn.Module, sample_shape: Tuple[int, ...],
@@ -167,8 +195,9 @@ def sample_and_score(cfg: DitConfig, accelerator: Any, model: torch.nn.Module, s
     was_training = model.training
     model.eval()
     result = sample_to_dir(model, out, cfg.eval_samples, state=accelerator, sample_shape=sample_shape,
-                           num_classes=num_classes, null_class=model.null_class, scheduler=cfg.eval_scheduler,
-                           steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, guidance_channels=gc, seed=cfg.eval_seed,
+                           num_classes=num_classes, null_class=model.null_class, scheduler=cfg.sampler,
+                           steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, guidance_channels=gc,
+                           guidance_interval=cfg.guidance_interval, seed=cfg.eval_seed,
                            batch_size=cfg.eval_batch_size, decode=sample_decoder(info, cfg.vae, accelerator.device),
                            progress=cfg.progress_bar)
     model.train(was_training)
@@ -198,7 +227,7 @@ def run(cfg: DitConfig) -> int:
     train_set, sample_shape, classes, info = diffusion_dataset(cfg.data_dir, cfg.seed, cfg.hflip)
     num_classes = len(classes)
     kwargs = {**cfg.model_kwargs, "num_classes": num_classes, "class_dropout_prob": cfg.class_dropout_prob}
-    check_model_fits(cfg, cfg.model_kwargs, sample_shape, num_classes)
+    encoder = repa_encoder(cfg, check_model_fits(cfg, cfg.model_kwargs, sample_shape, num_classes), info)
     classifier = digits_classifier_path(cfg) if (cfg.eval_samples and not cfg.data_dir) else None
     if cfg.eval_samples and cfg.data_dir and info["mode"] == "vae":
         from hcvision.data.latents import load_vae
@@ -216,24 +245,33 @@ def run(cfg: DitConfig) -> int:
             # machine and costs ~3x wall time on a busy one (measured on the 2-core CI box), so the demo uses one.
             torch.set_num_threads(cfg.cpu_threads)
         model = timm.create_model(cfg.model, **kwargs)
+        repa = None if encoder is None else REPA(model, encoder, cfg.repa_block, cfg.repa_weight,
+                                                 cfg.repa_projector_dim)  # trains the projector with the DiT
         loader = DataLoader(train_set, batch_size=run.batch_size, shuffle=True, drop_last=True,
                             num_workers=cfg.num_workers)
-        result = run.fit(run.trainer(model, loader, DiffusionLoss(run.acc)))
+        loss_fn = DiffusionLoss(run.acc, cfg.objective, cfg.time_sampling, repa=repa)
+        result = run.fit(run.trainer(repa or model, loader, loss_fn))
         if result is None:
             return run.exit_code
-        run.save_weights({"model": cfg.model, "model_kwargs": json.dumps(kwargs)})
+        run.save_weights({"model": cfg.model, "model_kwargs": json.dumps(kwargs), **sampling_metadata(
+            cfg.objective, time_sampling=cfg.time_sampling if cfg.objective == "flow" else None, sampler=cfg.sampler,
+            steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, guidance_channels=cfg.guidance_channels,
+            guidance_interval=cfg.guidance_interval)}, select=base_model)  # the DiT's weights only
         metrics: Dict[str, Any] = {}
         if cfg.eval_samples:
-            sampler = run.ema.module if run.ema is not None else run.unwrapped
+            sampler = base_model(run.ema.module if run.ema is not None else run.unwrapped)
             metrics = sample_and_score(cfg, run.acc, sampler, sample_shape, num_classes, info, classifier)
         quality = ("fid", "precision", "recall", "cls_acc", "is_mean", "is_std")
         run.write_results({
-            "model": cfg.model, "model_kwargs": kwargs, "params": sum(p.numel() for p in run.unwrapped.parameters()),
-            "data": info["data"], **{k: metrics[k] for k in quality if k in metrics},
+            "model": cfg.model, "model_kwargs": kwargs, "params": sum(p.numel() for p in model.parameters()),
+            "data": info["data"], "objective": cfg.objective, **{k: metrics[k] for k in quality if k in metrics},
             "weights": "ema" if run.ema is not None else "raw", "eval_samples": cfg.eval_samples,
-            "eval_scheduler": cfg.eval_scheduler, "eval_steps": cfg.eval_steps, "cfg_scale": cfg.cfg_scale,
+            "eval_scheduler": cfg.sampler, "eval_steps": cfg.eval_steps,
+            "eval_nfe": make_sampler(cfg.sampler, cfg.eval_steps).nfe, "cfg_scale": cfg.cfg_scale,
+            "guidance_interval": list(cfg.guidance_interval),
+            **({"repa_weight": cfg.repa_weight, "repa_block": cfg.repa_block} if repa else {}),
             **{k: v for k, v in metrics.items() if k not in quality},
-        }, shown=("model", "fid", "precision", "recall", "cls_acc", "global_step", "images_per_sec"))
+        }, shown=("model", "objective", "fid", "precision", "recall", "cls_acc", "global_step", "images_per_sec"))
     return 0
 
 

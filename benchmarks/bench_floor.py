@@ -28,7 +28,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench_overhead import machine_info, time_interleaved, vit_workload  # noqa: E402
 
-from hcvision.connections import _kernels, build_connection, expand_streams  # noqa: E402
+from hcvision.io import atomic_write  # noqa: E402
+from hcvision.connections import build_connection, expand_streams  # noqa: E402
+from hcvision.connections.kernels import cpu_loops as _kernels  # noqa: E402
 
 TARGETS = {"shc": 1.08, "dhc": 1.10, "dfc": 1.08, "mhc": 1.15}  # issue 7, ViT-S/16 b = 8, n = 4
 FUSED_FLOOR_COPIES = 3.0  # forward: read H twice, write H'; backward: read G and H, write grad H (each ~1/2 copy)
@@ -65,7 +67,7 @@ def primitives(M: int, n: int, C: int, compile_mix: bool) -> dict[str, callable]
         "torch.var_mean over C (not used)": lambda: torch.var_mean(H, dim=-1, correction=0),
         "E[x^2] and E[x] over C (as used)": lambda: (torch.linalg.vector_norm(Hf, dim=-1), Hf.mean(-1)),
     }
-    if _kernels.available(H, mix):  # the CPU loops the eager path uses (connections/_kernels.py)
+    if _kernels.available(H, mix):  # the CPU loops the eager path uses (connections/kernels/cpu_loops.py, HCV_CPU_KERNELS=build)
         ops["mix as the CPU loop (as used)"] = lambda: _kernels.mix_forward(H, mix)
         ops["mix backward: grad H and grad A in one CPU loop (as used)"] = lambda: _kernels.mix_backward(
             H, mix, y, H, need_H=True, need_mix=True)
@@ -146,11 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {kind}{n} | {target or '–'} | {budget_txt} | {extra:.2f} ({extra / copy_ms:.0f}) | {implied:.3f} | "
               f"{floor:.3f} |")
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(dict(machine=machine_info(), rate=n, step_ms=step_ms, copy_ms=copy_ms, primitives_ms=prim,
-                           connection_ms=conn, kinds=rows, fused_floor=floor), fh, indent=1)
-        os.replace(tmp, args.out)
+        record = dict(machine=machine_info(), rate=n, step_ms=step_ms, copy_ms=copy_ms, primitives_ms=prim,
+                      connection_ms=conn, kinds=rows, fused_floor=floor)
+        atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
         print(f"\nwrote {args.out}")
     return 0
 

@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import timm  # noqa: E402
 
 import hcvision.models.vit  # noqa: E402,F401  (registers the ViT names)
+from hcvision.io import atomic_write  # noqa: E402
 
 try:  # the DiT family may not exist yet
     import hcvision.models.dit  # noqa: F401
@@ -498,10 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
     info["load_avg_end"] = os.getloadavg()
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"machine": info, "args": vars(args), "results": results}, fh, indent=1)
-        os.replace(tmp, args.out)
+        record = {"machine": info, "args": vars(args), "results": results}
+        atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
         print(f"wrote {args.out}")
     return 0
 

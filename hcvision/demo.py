@@ -47,10 +47,10 @@ def _launch(kind: str, out: Path, extra: List[str]) -> subprocess.Popen:
 def _status(run: Path) -> str:
     metrics = run / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []
-    evals = [json.loads(line) for line in lines if '"top1"' in line]
+    evals = [json.loads(line) for line in lines if '"val/top1"' in line]
     if not evals:
         return f"{run.name}: starting"
-    return f"{run.name}: epoch {evals[-1]['epoch']} top-1 {evals[-1]['top1']:.1f}%"
+    return f"{run.name}: epoch {evals[-1]['epoch']} top-1 {evals[-1]['val/top1']:.1f}%"
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -26,9 +26,9 @@ import torch
 from .cli import UsageError
 
 __all__ = [
-    "PathLike", "atomic_write", "write_bytes", "write_text", "write_json", "save_safetensors", "file_sha256",
+    "PathLike", "failpoint", "atomic_write", "write_bytes", "write_text", "write_json", "save_safetensors", "file_sha256",
     "load_weights", "read_metadata", "unwrap_state_dict", "check_finite", "resolve_weights", "load_model",
-    "check_model_name", "find_checkpoints",
+    "check_model_name", "find_checkpoints", "create_model", "recorded_model",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -43,6 +43,25 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 # ------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------
+_FAILPOINT_HITS: Dict[str, int] = {}
+
+
+def failpoint(name: str) -> None:
+    """Crash injection for the crash-consistency tests, as databases do it: with ``HCV_FAILPOINT=name:k`` the
+    process kills itself (SIGKILL, no clean-up) the k-th time it reaches ``name``. Unset, this is a dict lookup."""
+    spec = os.environ.get("HCV_FAILPOINT")
+    if not spec:
+        return
+    target, _, count = spec.partition(":")
+    if target != name:
+        return
+    _FAILPOINT_HITS[name] = _FAILPOINT_HITS.get(name, 0) + 1
+    if _FAILPOINT_HITS[name] >= int(count or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _default_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -65,6 +84,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> Path:
         os.chmod(tmp, _default_mode())  # mkstemp creates 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        failpoint("write.before_rename")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -267,6 +287,23 @@ def recorded_model(metadata: Mapping[str, str], source: str) -> Tuple[Optional[s
     return name, kwargs
 
 
+def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None, *, meta: bool = False,
+                 key: str = "model_kwargs") -> torch.nn.Module:
+    """``timm.create_model(name, **kwargs)``; a kwarg the model rejects (an unknown name, a bad connection kind or
+    rate) is a :class:`UsageError` naming ``key``. ``meta`` builds on the meta device (no memory, for checks)."""
+    import timm
+
+    kwargs = dict(kwargs or {})
+    try:
+        if meta:
+            with torch.device("meta"):
+                return timm.create_model(name, **kwargs)
+        return timm.create_model(name, **kwargs)
+    except (TypeError, ValueError) as err:
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no kwargs"
+        raise UsageError(f"model={name!r} cannot be built with {key} {given}: {_first_line(err)}") from None
+
+
 def load_model(path: PathLike, model_name: Optional[str] = None, model_kwargs: Optional[Dict[str, Any]] = None, *,
                ema: bool = True, family: str = "", what: str = "timm model", finite: bool = True,
                ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
@@ -276,8 +313,6 @@ def load_model(path: PathLike, model_name: Optional[str] = None, model_kwargs: O
     Returns ``(model, info)`` with ``info = {"weights": path, "sha256": ..., "model": name, "model_kwargs": ...,
     "metadata": ...}``.
     """
-    import timm
-
     from .models import filter_checkpoint
 
     weights = resolve_weights(path, ema=ema)
@@ -292,10 +327,7 @@ def load_model(path: PathLike, model_name: Optional[str] = None, model_kwargs: O
                          f"{recorded_name!r} or another file")
     check_model_name(name, family, what)
     kwargs = recorded_kwargs if model_kwargs is None else dict(model_kwargs)
-    try:
-        model = timm.create_model(name, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"cannot build {name!r} with {kwargs} recorded in {source} ({_first_line(err)})") from None
+    model = create_model(name, kwargs, key=f"the model_kwargs of {source}")
     if finite:
         check_finite(state, source)
     try:

@@ -19,7 +19,7 @@ from hcvision.connections import (
     build_connection,
     expand_streams,
     extra_parameters,
-    param_groups_for_weight_decay,
+    kinds_accepting,
     parallel_matrices,
     reduce_streams,
     sequential_matrices,
@@ -120,8 +120,10 @@ def _direct_mhc(conn: ManifoldHyperConnection, H: torch.Tensor, branch) -> torch
 @pytest.mark.parametrize("kind,tanh", [("shc", True), ("sfc", True), ("dhc", True), ("dhc", False),
                                        ("dfc", True), ("dfc", False)])
 @pytest.mark.parametrize("rate", [2, 3])
-def test_hc_fc_match_direct_formula(kind, rate, tanh):
-    conn = build_connection(kind, DIM, rate, layer_index=3, tanh=tanh).double()
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_hc_fc_match_direct_formula(kind, rate, tanh, backend):
+    options = {"tanh": tanh} if kind in ("dhc", "dfc") else {}
+    conn = build_connection(kind, DIM, rate, layer_index=3, backend=backend, **options).double()
     _randomize(conn, seed=rate)
     n, c = conn.num_streams, conn.stream_dim
     H = torch.randn(2, 3, n, c, dtype=torch.float64)
@@ -130,8 +132,9 @@ def test_hc_fc_match_direct_formula(kind, rate, tanh):
 
 
 @pytest.mark.parametrize("rate", [1, 2, 4])
-def test_mhc_matches_direct_formula(rate):
-    conn = build_connection("mhc", DIM, rate, layer_index=1).double()
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_mhc_matches_direct_formula(rate, backend):
+    conn = build_connection("mhc", DIM, rate, layer_index=1, backend=backend).double()
     _randomize(conn, seed=rate, scale=0.3)
     H = torch.randn(2, 3, rate, DIM, dtype=torch.float64)
     branch = _branch(3)
@@ -347,15 +350,26 @@ def test_mhc_param_count():
 # ---------------------------------------------------------------------------------------------------------
 # Weight decay groups, layout and bad input
 # ---------------------------------------------------------------------------------------------------------
-def test_param_groups_static_no_decay_dynamic_decay():
-    model = torch.nn.ModuleList([build_connection("dhc", DIM, 2, 0), build_connection("mhc", DIM, 2, 1),
-                                 torch.nn.Linear(DIM, DIM)])
-    decay, no_decay = param_groups_for_weight_decay(model, 0.3)
-    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
-    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
-    assert ids([model[0].static_alpha, model[0].static_beta, model[1].bias_res, model[1].bias_pre]) <= ids(no_decay["params"])
-    assert ids([model[0].dynamic_weight, model[1].phi, model[2].weight]) <= ids(decay["params"])
-    assert not ids(decay["params"]) & ids(no_decay["params"])
+@pytest.mark.parametrize("name", ["vit_digits_patch2_8_dhc2", "vit_digits_patch2_8_mhc2", "dit_digits_2_dfc2"])
+def test_weight_decay_static_none_dynamic_decayed_through_the_engine(name):
+    """The paper's rule as the training engine applies it (engine.build_optimizer over model.no_weight_decay()):
+    static connection parameters get none, the dynamic projections the configured decay."""
+    import timm
+
+    import hcvision  # noqa: F401
+    from hcvision.engine import build_optimizer
+    from hcvision.engine.config import BaseTrainConfig
+
+    model = timm.create_model(name)
+    opt = build_optimizer(model, BaseTrainConfig(weight_decay=0.3))
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    conn = model.blocks[0].attn_conn
+    assert conn.static_parameters()
+    for p in conn.static_parameters():
+        assert decay_of[id(p)] == 0.0
+    dynamic = conn.phi if name.endswith("mhc2") else conn.dynamic_weight
+    assert decay_of[id(dynamic)] == 0.3
+    assert decay_of[id(model.blocks[0].mlp.fc1.weight)] == 0.3
 
 
 def test_streams_are_views_next_to_channels():
@@ -384,8 +398,38 @@ def test_bad_arguments(args, match):
 
 
 def test_unknown_option_names_accepted_ones():
-    with pytest.raises(ValueError, match="accepted"):
+    with pytest.raises(ValueError, match="unknown connection option 'tahn'; accepted: .*tanh"):
         build_connection("dhc", DIM, 2, 0, tahn=False)
+
+
+@pytest.mark.parametrize("kind,option,value", [("shc", "tanh", False), ("sfc", "scale_init", 0.1),
+                                               ("dhc", "sinkhorn_iters", 3), ("mhc", "norm", "rmsnorm"),
+                                               ("residual", "backend", "torch"), ("residual", "fused", True)])
+def test_option_of_another_kind_is_an_error_naming_the_kinds_that_use_it(kind, option, value):
+    users = kinds_accepting(option)
+    assert users and kind not in users
+    with pytest.raises(ValueError, match=f"{option!r} does not apply to kind {kind!r}; it is accepted by "
+                                         f"{', '.join(users)}"):
+        build_connection(kind, DIM, 1 if kind == "residual" else 2, 0, **{option: value})
+
+
+def test_backend_is_resolved_once_at_construction():
+    from hcvision.connections import kernels
+
+    conn = build_connection("dhc", DIM, 2, 0, backend="torch")
+    assert conn.fused and conn._impl is kernels.select("dynamic", "torch")
+    assert not build_connection("dhc", DIM, 2, 0, fused=False).fused
+    assert build_connection("mhc", DIM, 2, 0, backend="reference")._impl is None
+    with pytest.raises(ValueError, match="accepted: auto, reference, torch, triton"):
+        build_connection("shc", DIM, 2, 0, backend="cuda")
+    with pytest.raises(ValueError, match="contradicts"):
+        build_connection("shc", DIM, 2, 0, fused=False, backend="torch")
+    kernels.set_backend("reference")
+    try:
+        assert not build_connection("shc", DIM, 2, 0).fused  # auto follows set_backend
+        assert build_connection("shc", DIM, 2, 0, backend="torch").fused  # an explicit argument wins
+    finally:
+        kernels.set_backend(None)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -412,10 +412,14 @@ def test_guided_output_channels():
     for c in range(8):
         expected = uncond[:, c] + s * (cond[:, c] - uncond[:, c]) if c < 3 else cond[:, c]
         torch.testing.assert_close(dit[:, c], expected)
-    full = guided_output(cond, uncond, s)
+    eps_only = guided_output(cond, uncond, s, channels=4)  # 4 epsilon + 4 variance channels: guide the 4 epsilon
     for c in range(8):
         expected = uncond[:, c] + s * (cond[:, c] - uncond[:, c]) if c < 4 else cond[:, c]
-        torch.testing.assert_close(full[:, c], expected)
+        torch.testing.assert_close(eps_only[:, c], expected)
+    everything = guided_output(cond, uncond, s)  # a velocity output without variance channels: all of them
+    torch.testing.assert_close(everything, uncond + s * (cond - uncond))
+    with pytest.raises(ValueError, match=r"guidance_channels must be None \(all\) or an int in \[1, 4\], got 5"):
+        guided_output(cond, uncond, s, guidance_channels=5, channels=4)
 
 
 def point_mass_oracle(c: torch.Tensor):
@@ -536,8 +540,10 @@ def test_sample_accepts_scheduler_instance():
 def test_bad_inputs_raise_clear_errors():
     model = LabelDenoiser()
     y = torch.tensor([0, 1])
-    with pytest.raises(ValueError, match=r"unknown scheduler 'euler'.*ddpm, ddim, dpmsolver\+\+"):
-        sample(model, (2, 1, 2, 2), y, scheduler="euler")
+    with pytest.raises(ValueError, match=r"unknown scheduler 'eular'.*ddpm, ddim, dpmsolver\+\+.*euler, heun, sde"):
+        sample(model, (2, 1, 2, 2), y, scheduler="eular")
+    with pytest.raises(ValueError, match=r"samples the 'flow' objective, not 'ddpm'"):
+        sample(model, (2, 1, 2, 2), y, scheduler="euler", objective="ddpm")
     with pytest.raises(ValueError, match=r"unknown scheduler 'foo'"):
         make_scheduler("foo")
     for bad in (0, -3, 1001, 2.5):

@@ -249,3 +249,48 @@ def test_topk_correct_against_manual_counts():
     assert topk_correct(torch.randn(3, 2), torch.tensor([0, 1, 1]), (5,)).tolist() == [3]
     with pytest.raises(ValueError, match="targets shape"):
         topk_correct(logits, targets[:2])
+
+
+def test_connection_lr_scale_puts_connection_parameters_in_scaled_groups():
+    import timm
+
+    import hcvision  # noqa: F401
+    from hcvision.connections import Connection
+    from hcvision.engine import build_optimizer
+
+    model = timm.create_model("vit_digits_patch2_8_dhc2", embed_dim=32, depth=2)
+    conn = {id(p) for m in model.modules() if isinstance(m, Connection) for p in m.parameters()}
+    no_decay = set(model.no_weight_decay())
+    names = {id(p): n for n, p in model.named_parameters()}
+    cfg = _Cfg(model="vit_digits_patch2_8_dhc2", lr=1e-3, weight_decay=0.05, connection_lr_scale=0.1)
+    opt = build_optimizer(model, cfg)
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
+    for g in opt.param_groups:
+        for p in g["params"]:
+            assert g["lr"] == pytest.approx(1e-4 if id(p) in conn else 1e-3)
+            decayed = p.ndim > 1 and names[id(p)] not in no_decay
+            assert g["weight_decay"] == (0.05 if decayed else 0.0), names[id(p)]
+    assert conn and any(g["lr"] == pytest.approx(1e-4) for g in opt.param_groups)
+    # Scale 1 keeps timm's own grouping (identical to the default call).
+    plain = build_optimizer(model, _Cfg(model="vit_digits_patch2_8_dhc2", lr=1e-3, weight_decay=0.05))
+    assert {g["lr"] for g in plain.param_groups} == {1e-3}
+
+
+def test_run_logs_world_size_and_warns_when_the_launcher_started_fewer_processes(tmp_path, monkeypatch, capsys):
+    from hcvision.engine import Run
+
+    cfg = _Cfg(output_dir=str(tmp_path / "run"), global_batch_size=8, grad_accum_steps=2, tensorboard=False)
+    with Run(cfg, "train_x") as run:
+        run._check_launch()
+    err = capsys.readouterr().err
+    assert "1 process(es) on cpu, per-device batch 4 x 2 accumulation = global batch 8" in err
+    assert "warning" not in err
+    # What `accelerate launch --cpu --num_processes 2` leaves in the environment of the one process it starts.
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with Run(cfg, "train_x") as run:
+        run._check_launch()
+    assert "warning: the launcher asked for several processes but 1 started" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing is written before the trainer is set up

@@ -44,7 +44,8 @@ from hcvision.eval import (
     save_stats,
 )
 from hcvision.eval.features import INCEPTION_URL, inception_reference_shapes, validate_inception_state_dict
-from hcvision.eval.generative import UInt8ImageDataset, main
+from hcvision.eval.generative import main
+from hcvision.eval.metrics import UInt8ImageDataset
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 12  # InceptionV3 at 299 px costs ~0.25 s per image on 2 idle CPU cores
@@ -183,7 +184,7 @@ def test_bad_inputs_are_named(tmp_path):
     np.savez(tmp_path / "other.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="arr_0"):
         load_npz_samples(tmp_path / "other.npz")
-    imgs = np.zeros((4, 8, 8, 3), np.uint8)
+    imgs = np.zeros((10, 8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match="vgg16"):
         generative_metrics(imgs, imgs, feature_extractor="vgg16")
     with pytest.raises(ValueError, match="neither an image folder nor an .npz"):
@@ -224,7 +225,7 @@ def test_offline_without_weights_gives_instructions(tmp_path, monkeypatch):
         raise URLError("[Errno 101] Network is unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    imgs = np.zeros((4, 8, 8, 3), np.uint8)
+    imgs = np.zeros((10, 8, 8, 3), np.uint8)
     with pytest.raises(WeightsUnavailableError) as err:
         generative_metrics(imgs, imgs)
     msg = str(err.value)
@@ -252,7 +253,7 @@ def test_corrupt_foreign_and_malicious_weights_rejected(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "payload": _Evil(str(marker))}, evil)
-    imgs = np.zeros((4, 8, 8, 3), np.uint8)
+    imgs = np.zeros((10, 8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match="safely"):
         generative_metrics(imgs, imgs, weights_path=evil)
     assert not marker.exists(), "a pickle payload was executed"
@@ -438,15 +439,29 @@ def test_digits_metrics_cls_acc_and_cli(one_thread, digits_classifier, digits_ui
     for i, img in enumerate(gen_imgs):
         Image.fromarray(img).save(ref_dir / f"{i:04d}.png")
     out, stats_path = tmp_path / "results.json", tmp_path / "ref_stats.npz"
+    prov = tmp_path / "sample_config.json"  # what a sampler recorded; --steps overrides its 250
+    prov.write_text(json.dumps({"objective": "ddpm", "sampler": "ddpm", "steps": 250, "guidance_scale": 1.5,
+                                "guidance_channels": 1, "seed": 3}))
     env = {**os.environ, "HCV_DIGITS_CLASSIFIER": str(clf), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "hcvision.eval.generative", "--gen", str(gen_npz), "--ref", str(ref_dir),
          "--write-ref-stats", str(stats_path), "--feature-extractor", DIGITS_EXTRACTOR, "--device", "cpu",
-         "--out", str(out)],
+         "--out", str(out), "--provenance", str(prov), "--steps", "100", "--guidance-interval", "0", "500", "--ema"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     written = json.loads(out.read_text())
-    assert written["feature_extractor"] == DIGITS_EXTRACTOR and written["ref"] == str(stats_path)
+    assert written["feature_extractor"] == DIGITS_EXTRACTOR and written["ref_stats_written"] == str(stats_path)
+    # Provenance: sample counts, the reference's name and sha256 (of its sorted files), the extractor's weights.
+    from hcvision.eval import input_sha256
+    from hcvision.io import file_sha256
+
+    assert (written["num_samples"], written["num_ref_samples"]) == (300, 300)
+    assert written["reference"] == "ref_png" and written["reference_sha256"] == input_sha256(ref_dir)
+    assert written["extractors"] == {DIGITS_EXTRACTOR: {"weights_sha256": file_sha256(clf)}}
+    assert {k: written.get(k) for k in ("objective", "sampler", "steps", "guidance_scale", "guidance_interval",
+                                        "guidance_channels", "ema", "seed")} == {
+        "objective": "ddpm", "sampler": "ddpm", "steps": 100, "guidance_scale": 1.5, "guidance_interval": [0.0, 500.0],
+        "guidance_channels": 1, "ema": True, "seed": None}
     np.testing.assert_allclose(load_stats(stats_path).features, f_gen, rtol=1e-4, atol=1e-5)
     # The same images against themselves: FID ~ 0, precision = recall = 1.
     assert written["metrics"]["fid"] == pytest.approx(0.0, abs=1e-6)
@@ -458,17 +473,17 @@ def test_digits_classifier_errors(one_thread, digits_classifier, tmp_path):
     from safetensors.torch import save_file
 
     _, clf = digits_classifier
-    imgs = np.zeros((4, 8, 8), np.uint8)
+    imgs = np.zeros((10, 8, 8), np.uint8)
     with pytest.raises(WeightsUnavailableError, match="HCV_DIGITS_CLASSIFIER"):
         generative_metrics(imgs, imgs, feature_extractor=DIGITS_EXTRACTOR, weights_path=tmp_path / "none.safetensors")
     bare = tmp_path / "bare.safetensors"
     save_file({"w": torch.zeros(2)}, str(bare))
     with pytest.raises(ValueError, match="model_name"):
         generative_metrics(imgs, imgs, feature_extractor=DIGITS_EXTRACTOR, weights_path=bare)
-    with pytest.raises(ValueError, match="does not match timm model"):
+    with pytest.raises(ValueError, match="does not fit 'vit_digits_patch2_8_res'"):
         generative_metrics(imgs, imgs, feature_extractor=DIGITS_EXTRACTOR, weights_path=bare,
                            model_name=DIGITS_MODEL)
-    with pytest.raises(ValueError, match="unknown timm model name 'no_such_model'"):
+    with pytest.raises(ValueError, match="holds weights of 'vit_digits_patch2_8_res', not 'no_such_model'"):
         generative_metrics(imgs, imgs, feature_extractor=DIGITS_EXTRACTOR, weights_path=clf, model_name="no_such_model")
 
 
@@ -494,3 +509,28 @@ def test_committed_digits_classifiers_reproduce_recorded_top1(one_thread):
         assert (pred_u8 != pred_float).sum() <= 1, name
         acc = cls_acc(u8.permute(0, 2, 3, 1).numpy(), ds.targets.numpy(), weights_path=path, device="cpu")
         assert acc == (pred_u8 == ds.targets).double().mean().item()
+
+
+# ------------------------------------------------------------------------------------------------ top-k accumulation
+
+
+def test_topk_accumulator_add_hits_matches_update_on_the_valid_samples():
+    """What a distributed evaluation feeds it: per-sample hits gathered across ranks plus a validity mask (unreadable
+    images come with target -1). The count must equal update() on the valid samples alone."""
+    from hcvision.eval import TopKAccumulator, topk_hits
+
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(20, 7, generator=g), torch.randint(0, 7, (20,), generator=g)
+    valid = torch.ones(20, dtype=torch.bool)
+    valid[[2, 5, 11]] = False
+    targets[~valid] = -1
+    gathered = TopKAccumulator((1, 3))
+    for sl in (slice(0, 8), slice(8, 20)):  # two "ranks"
+        gathered.add_hits(topk_hits(logits[sl], targets[sl], (1, 3)), valid[sl])
+    direct = TopKAccumulator((1, 3))
+    direct.update(logits[valid], targets[valid])
+    assert gathered.compute() == direct.compute() and gathered.count == 17
+    expect = [(logits[valid].topk(k, 1).indices == targets[valid, None]).any(1).sum().item() for k in (1, 3)]
+    assert gathered.correct.tolist() == expect
+    with pytest.raises(ValueError, match=r"\(batch, 2\)"):
+        gathered.add_hits(torch.zeros(4, 3, dtype=torch.bool))

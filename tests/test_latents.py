@@ -240,3 +240,31 @@ def test_two_processes_write_disjoint_shards_without_gaps_and_resume(tmp_path, i
     after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
     assert {k for k in after if after[k] != stamps.get(k)} == {names[1]}
     assert json.loads((out / "manifest.json").read_text())["shards"] == manifest["shards"]
+
+
+def test_hfds_source_extracts_what_the_folder_gives(tmp_path, image_folder, monkeypatch):
+    """The same images as a local Hugging Face dataset (the Hub's parquet layout, read through timm's hfds reader):
+    pixel-mode extraction stores the same crops, labels and classes as from the ImageFolder."""
+    import datasets
+    from torchvision.datasets import ImageFolder
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = ImageFolder(str(image_folder))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=folder.classes)})
+    rows = {"image": [{"bytes": Path(p).read_bytes(), "path": None} for p, _ in folder.samples],
+            "label": [y for _, y in folder.samples]}
+    (tmp_path / "hf" / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "hf/data/train-00000-of-00001.parquet"))
+    settings = ExtractionSettings(vae="none", image_size=SIZE, shard_size=4)
+    a = extract_latents(image_folder, tmp_path / "from_folder", settings, progress=False)
+    b = extract_latents(f"hfds/{tmp_path / 'hf'}", tmp_path / "from_hfds", settings, split="train",
+                        data_root=str(tmp_path / "cache"), progress=False)
+    assert a["classes"] == b["classes"] == folder.classes and a["num_samples"] == b["num_samples"] == NUM_IMAGES
+    da, db = LatentDataset(tmp_path / "from_folder", hflip=False), LatentDataset(tmp_path / "from_hfds", hflip=False)
+    for i in range(NUM_IMAGES):
+        (xa, ya), (xb, yb) = da[i], db[i]
+        assert ya == yb == folder.samples[i][1] and torch.equal(xa, xb)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "train-000000.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="WebDataset shards have no random access"):
+        extract_latents(f"wds/{tmp_path / 'shards'}", tmp_path / "w", settings, progress=False)

@@ -1,18 +1,17 @@
 """The fused mHC coefficient path (analytic Sinkhorn and RMS-projection backwards) against plain autograd, float64.
 
 ``tests/test_connections_fast.py`` compares whole fused and plain connections; this file checks the two autograd
-Functions of ``hcvision/connections/mhc.py`` on their own, at spreads and iteration counts where a wrong backward
+Functions of ``hcvision/connections/kernels/mhc_torch.py`` on their own, at spreads and iteration counts where a wrong backward
 would show, plus autocast and what the Sinkhorn Function keeps for backward. No timing here.
 """
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
 
 from hcvision.connections import build_connection, sinkhorn_knopp
-from hcvision.connections.mhc import _RMSProjection, _SinkhornKnopp, sinkhorn_knopp_fused
+from hcvision.connections.kernels.mhc_torch import (_RMSProjection, _SinkhornKnopp, mhc_coefficients,
+                                                     sinkhorn_knopp_fused)
 
 DIM = 6
 
@@ -116,14 +115,19 @@ def test_rms_projection_matches_autograd_and_gradcheck(shape):
 
 
 def _pair(rate, seed, scale, **options):
-    fast = build_connection("mhc", DIM, rate, layer_index=0, **options).double()
+    fast = build_connection("mhc", DIM, rate, layer_index=0, backend="torch", **options).double()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in fast.parameters():
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
-    plain = copy.deepcopy(fast)
-    plain.fused = False
+    plain = build_connection("mhc", DIM, rate, layer_index=0, backend="reference", **options).double()
+    plain.load_state_dict(fast.state_dict())
     return fast, plain
+
+
+def _coefficients(conn, H):
+    """The coefficient path each backend runs: the token-last Functions, or the reference math."""
+    return mhc_coefficients(conn, H) if conn.fused else conn.coefficients(H)
 
 
 @pytest.mark.parametrize("rate", [1, 2, 4])
@@ -137,7 +141,7 @@ def test_fused_coefficients_match_plain_at_large_spread(rate, iters):
     u_beta = torch.randn(3, 4, rate, generator=gen, dtype=torch.float64)
     results = []
     for conn in (fast, plain):
-        mix, beta = conn.coefficients(H)
+        mix, beta = _coefficients(conn, H)
         loss = (mix * u_mix).sum() + (beta * u_beta).sum()
         results.append((mix, beta, torch.autograd.grad(loss, [H, *conn.parameters()])))
     (mix_f, beta_f, g_f), (mix_p, beta_p, g_p) = results
@@ -169,7 +173,7 @@ def test_fused_coefficients_under_bf16_autocast(h_dtype):
 
     def run(autocast):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            mix, beta = conn.coefficients(H if autocast else H.float())
+            mix, beta = mhc_coefficients(conn, H if autocast else H.float())
             loss = (mix * u_mix).sum() + (beta * u_beta).sum()
             grads = torch.autograd.grad(loss, [H, *params])
         return mix, beta, grads
@@ -183,3 +187,63 @@ def test_fused_coefficients_under_bf16_autocast(h_dtype):
     torch.testing.assert_close(beta, beta_r, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads, grads_r):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 13: finite for any finite input (fp32 logit spread beyond 170), exact gradients kept
+# ---------------------------------------------------------------------------------------------------------------
+def _wide_logits(spread: float, n: int = 4, batch: int = 6, seed: int = 0) -> torch.Tensor:
+    """Logits whose spread exceeds ``spread``: one row (and one column) far below the rest in some matrices."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, n, n, generator=gen, dtype=torch.float64) * 3
+    z[0, 1, :] -= spread  # a whole row underflows after exp(z - max) in fp32
+    z[1, :, 2] -= spread  # a whole column
+    z[2, 0, 0] += spread  # one huge entry
+    return z
+
+
+@pytest.mark.parametrize("which", ["reference", "fused"])
+def test_sinkhorn_fp32_finite_at_spread_beyond_170(which):
+    z64 = _wide_logits(200.0)
+    assert (z64.amax(dim=(-2, -1)) - z64.amin(dim=(-2, -1))).max() > 170
+    fn = sinkhorn_knopp if which == "reference" else sinkhorn_knopp_fused
+    z = z64.float().requires_grad_()
+    out = fn(z, 20)
+    up = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    (g,) = torch.autograd.grad((out * up.float()).sum(), z)
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+    ref = sinkhorn_knopp(z64.requires_grad_(), 20)
+    (g_ref,) = torch.autograd.grad((ref * up).sum(), z64)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-5)
+    # the last step normalises the rows, also of the extreme matrices
+    torch.testing.assert_close(out.sum(-1), torch.ones(6, 4), rtol=1e-5, atol=1e-5)
+
+
+def test_old_linear_domain_would_fail_at_that_spread():
+    """The defect this guards against: plain fp32 iterations on exp(logits - max) give NaN at spread > 170."""
+    z = _wide_logits(200.0).float()
+    m = torch.exp(z - z.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(20):
+        m = m / m.sum(dim=-2, keepdim=True)
+        m = m / m.sum(dim=-1, keepdim=True)
+    assert not torch.isfinite(m).all()
+
+
+@pytest.mark.parametrize("iters", [1, 20])
+def test_sinkhorn_log_domain_gradcheck(iters):
+    """float64 gradcheck of both paths of the fused Function (forced) and of the log-domain reference."""
+    z = _logits((2,), 3, 3.0, seed=iters).requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: sinkhorn_knopp(z, iters), (z,))
+    zt = z.detach().movedim((-2, -1), (0, 1)).contiguous().requires_grad_()
+    for log_domain in (True, False):
+        assert torch.autograd.gradcheck(lambda z: _SinkhornKnopp.apply(z, iters, log_domain), (zt,))
+
+
+def test_sinkhorn_log_and_linear_paths_agree():
+    z = _logits((5,), 4, 6.0, seed=2).movedim((-2, -1), (0, 1)).contiguous().requires_grad_()
+    up = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outs = [_SinkhornKnopp.apply(z, 20, flag) for flag in (True, False)]
+    grads = [torch.autograd.grad((o * up).sum(), z)[0] for o in outs]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)

@@ -1,5 +1,6 @@
-"""The sampling CLI (hcvision.sample): same chain as hcvision.diffusion.sample, per-sample determinism, identical
-files for 1 and 2 processes, class-balanced ADM .npz, EMA by default, latent decoding and bad input."""
+"""The sampling CLI (hcvision.sample): per-row generators through the one loop (hcvision.diffusion.sample),
+per-sample determinism, identical files for 1 and 2 processes, class-balanced ADM .npz, EMA by default, the objective
+read from the weights' metadata, latent decoding and bad input (exit 2, one line, nothing written)."""
 from __future__ import annotations
 
 import json
@@ -15,8 +16,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import hcvision.models.dit  # noqa: F401  (registers the DiT names)
+from hcvision.cli import run_cli
 from hcvision.diffusion import sample as diffusion_sample
-from hcvision.sample import _denoise_batch, class_labels, generate, main, make_grid, sample_seed
+from hcvision.diffusion import sampling_metadata
+from hcvision.sample import class_labels, generate, main, make_grid, sample_seed
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
@@ -34,10 +37,10 @@ def tiny_dit(name: str = NAME, seed: int = 0, **kwargs):
     return model.eval()
 
 
-def save_run(d: Path, name: str = NAME, **kwargs) -> Path:
+def save_run(d: Path, name: str = NAME, extra_meta: dict | None = None, **kwargs) -> Path:
     """A run directory as train_dit.py writes it: model.safetensors and model_ema.safetensors with metadata."""
     d.mkdir(parents=True, exist_ok=True)
-    meta = {"model": name, "model_kwargs": json.dumps({**TINY, **kwargs})}
+    meta = {"model": name, "model_kwargs": json.dumps({**TINY, **kwargs}), **(extra_meta or {})}
     save_file(tiny_dit(name, 0, **kwargs).state_dict(), str(d / "model.safetensors"), metadata=meta)
     save_file(tiny_dit(name, 1, **kwargs).state_dict(), str(d / "model_ema.safetensors"), metadata=meta)
     return d
@@ -48,16 +51,20 @@ def run_dir(tmp_path_factory):
     return save_run(tmp_path_factory.mktemp("run") / "run")
 
 
-@pytest.mark.parametrize("scheduler,cfg", [("ddpm", 2.0), ("dpmsolver++", 1.0), ("ddim", 1.5)])
-def test_per_sample_chain_equals_diffusion_sample(scheduler, cfg):
+@pytest.mark.parametrize("scheduler,cfg", [("ddpm", 2.0), ("dpmsolver++", 1.0), ("ddim", 1.5), ("sde", 2.0),
+                                           ("heun", 1.5)])
+def test_per_row_generators_equal_one_generator_per_call(scheduler, cfg):
+    """Row i of a batch sampled with generators [g_0, g_1, g_2] is the batch-of-one chain sampled with g_i."""
     model = tiny_dit()
-    y = torch.tensor([7])
-    gen = lambda: torch.Generator().manual_seed(sample_seed(3, 11))  # noqa: E731
-    ours = _denoise_batch(model, y, [gen()], (1, 8, 8), scheduler=scheduler, steps=8, cfg_scale=cfg,
-                          guidance_channels=None, null_class=model.null_class, device=torch.device("cpu"))
-    ref = diffusion_sample(model, (1, 1, 8, 8), y, scheduler=scheduler, num_steps=8, guidance_scale=cfg,
-                           null_class=model.null_class, generator=gen())
-    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    y = torch.tensor([7, 2, 5])
+    gen = lambda i: torch.Generator().manual_seed(sample_seed(3, i))  # noqa: E731
+    kw = dict(scheduler=scheduler, num_steps=6, guidance_scale=cfg, null_class=model.null_class)
+    batch = diffusion_sample(model, (3, 1, 8, 8), y, generator=[gen(i) for i in range(3)], **kw)
+    for i in range(3):
+        alone = diffusion_sample(model, (1, 1, 8, 8), y[i:i + 1], generator=gen(i), **kw)
+        torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-5, atol=1e-5)  # other batch shape: rounding only
+    again = diffusion_sample(model, (3, 1, 8, 8), y, generator=[gen(i) for i in range(3)], **kw)
+    assert torch.equal(batch, again)
 
 
 def test_sample_depends_only_on_its_index_not_on_the_batch():
@@ -99,7 +106,7 @@ def _read_npz(path: Path):
 def test_cli_writes_balanced_npz_pngs_grid_and_uses_ema_by_default(tmp_path, run_dir, capsys):
     args = ["--model", NAME, "--checkpoint", str(run_dir), "--num-samples", "12", "--steps", "5",
             "--batch-size", "5", "--no-progress"]
-    assert main(args + ["--out", str(tmp_path / "ema")]) == 0
+    assert run_cli(main, args + ["--out", str(tmp_path / "ema")]) == 0
     images, labels = _read_npz(tmp_path / "ema" / "samples.npz")
     assert images.dtype == np.uint8 and images.shape == (12, 8, 8, 1)  # ADM: arr_0 uint8 NHWC
     assert labels.tolist() == [i % 10 for i in range(12)]
@@ -109,10 +116,10 @@ def test_cli_writes_balanced_npz_pngs_grid_and_uses_ema_by_default(tmp_path, run
     assert (tmp_path / "ema" / "grid.png").is_file()
     cfg = json.loads((tmp_path / "ema" / "sample_config.json").read_text())
     assert cfg["weights"].endswith("model_ema.safetensors") and cfg["cfg_scale"] == 1.5
-    assert main(args + ["--out", str(tmp_path / "raw"), "--raw"]) == 0
+    assert run_cli(main, args + ["--out", str(tmp_path / "raw"), "--raw"]) == 0
     raw, _ = _read_npz(tmp_path / "raw" / "samples.npz")
     assert not np.array_equal(raw, images)  # different weights, same seeds
-    assert main(args + ["--out", str(tmp_path / "ema2")]) == 0
+    assert run_cli(main, args + ["--out", str(tmp_path / "ema2")]) == 0
     np.testing.assert_array_equal(_read_npz(tmp_path / "ema2" / "samples.npz")[0], images)  # reproducible
 
 
@@ -126,7 +133,7 @@ def test_latent_model_decodes_through_a_local_vae(tmp_path):
     vae.save_pretrained(str(tmp_path / "vae"))
     run = save_run(tmp_path / "latent_run", "dit_s_2_res", input_size=4, num_classes=3)
     out = tmp_path / "out"
-    rc = main(["--model", "dit_s_2_res", "--checkpoint", str(run), "--num-samples", "4", "--steps", "3",
+    rc = run_cli(main, ["--model", "dit_s_2_res", "--checkpoint", str(run), "--num-samples", "4", "--steps", "3",
                "--out", str(out), "--vae", str(tmp_path / "vae"), "--no-progress"])
     assert rc == 0
     images, labels = _read_npz(out / "samples.npz")
@@ -134,34 +141,94 @@ def test_latent_model_decodes_through_a_local_vae(tmp_path):
     assert json.loads((out / "sample_config.json").read_text())["guidance_channels"] == 3  # DiT's default
 
 
-def test_bad_inputs_exit_2_with_a_clear_message(tmp_path, run_dir, capsys):
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, run_dir, capsys):
     base = ["--num-samples", "2", "--steps", "2", "--no-progress"]
 
-    def err(args):
-        assert main(args + base) == 2
-        return capsys.readouterr().err
+    def err(args, out=None):
+        out = out or tmp_path / "never"
+        before = sorted(out.rglob("*")) if out.is_dir() else None
+        capsys.readouterr()
+        assert run_cli(main, args + ["--out", str(out)] + base, prog="hcvision.sample") == 2
+        msg = capsys.readouterr().err
+        assert msg.startswith("hcvision.sample: error: ") and msg.count("\n") == 1, msg  # one line
+        assert (sorted(out.rglob("*")) if out.is_dir() else None) == before  # nothing written
+        return msg
 
-    assert "does not exist" in err(["--model", NAME, "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path)])
-    assert f"pass --model {NAME}" in err(["--model", "dit_digits_2_res", "--checkpoint", str(run_dir),
-                                          "--out", str(tmp_path / "a")])
+    ok = ["--checkpoint", str(run_dir)]
+    assert "does not exist" in err(["--checkpoint", str(tmp_path / "nope")])
+    msg = err(["--model", "dit_digits_2_res", "--checkpoint", str(run_dir)])
+    assert f"holds weights of '{NAME}'" in msg
+    bare = tmp_path / "bare.safetensors"  # no recorded name: --model decides
+    save_file(tiny_dit().state_dict(), str(bare))
+    assert "not a registered DiT" in err(["--model", "dit_nope_2_shc2", "--checkpoint", str(bare)])
+    assert "does not record its model name" in err(["--checkpoint", str(bare)])
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((run_dir / "model.safetensors").read_bytes()[:5000])
+    assert "truncated.safetensors" in err(["--checkpoint", str(truncated)])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    assert "could not load" in err(["--checkpoint", str(garbage)])
+    nan_run = tmp_path / "nan_run"
+    nan_run.mkdir()
+    sd = tiny_dit().state_dict()
+    sd["final_layer.linear.weight"][0, 0] = float("nan")
+    save_file(sd, str(nan_run / "model_ema.safetensors"),
+              metadata={"model": NAME, "model_kwargs": json.dumps(TINY)})
+    assert "NaN or Inf" in err(["--checkpoint", str(nan_run)])
+    no_null = save_run(tmp_path / "no_null", class_dropout_prob=0.0)
+    assert "label dropout" in err(["--checkpoint", str(no_null)])
+    assert "--classes='3,10'" in err(ok + ["--classes", "3,10"])
+    assert "--classes='a'" in err(ok + ["--classes", "a"])
+    assert "--scheduler='euler'" in err(ok + ["--scheduler", "euler"])  # a flow sampler for a DDPM model
+    assert "--guidance-interval" in err(ok + ["--guidance-interval", "0.8", "0.2"])
+    assert "--guidance-channels=2" in err(ok + ["--guidance-channels", "2"])
+    bad_meta = save_run(tmp_path / "bad_meta", extra_meta={"objective": "score"})
+    assert "metadata objective='score'" in err(["--checkpoint", str(bad_meta)])
+    regular = tmp_path / "regular_file"
+    regular.write_text("x")
+    assert "is a regular file" in err(ok, out=regular / "sub" / "dir")
+    assert "is a file, not a directory" in err(ok, out=regular)
+    assert regular.read_text() == "x"
+    latent = save_run(tmp_path / "latent", "dit_s_2_res", input_size=4, num_classes=3)
+    msg = err(["--checkpoint", str(latent), "--vae", str(tmp_path / "missing_vae")])
+    assert "does not exist" in msg and "--vae DIR" in msg
+    assert "4-channel latents" in err(["--checkpoint", str(latent), "--vae", "none"])
+    assert run_cli(main, ok + ["--out", str(tmp_path / "g"), "--num-samples", "0"]) == 2
+    assert run_cli(main, ok + ["--out", str(tmp_path / "h")] + base) == 0
+    assert "already holds samples.npz" in err(ok, out=tmp_path / "h")
+
+
+def test_run_without_ema_falls_back_to_trained_weights(tmp_path, run_dir):
     only_raw = tmp_path / "only_raw"
     only_raw.mkdir()
     (only_raw / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes())
-    assert "--raw" in err(["--model", NAME, "--checkpoint", str(only_raw), "--out", str(tmp_path / "b")])
-    assert "not a registered DiT" in err(["--model", "dit_nope_2_shc2", "--checkpoint", str(run_dir),
-                                          "--out", str(tmp_path / "c")])
-    no_null = save_run(tmp_path / "no_null", class_dropout_prob=0.0)
-    assert "label dropout" in err(["--model", NAME, "--checkpoint", str(no_null), "--out", str(tmp_path / "d")])
-    latent = save_run(tmp_path / "latent", "dit_s_2_res", input_size=4, num_classes=3)
-    msg = err(["--model", "dit_s_2_res", "--checkpoint", str(latent), "--out", str(tmp_path / "e"),
-               "--vae", str(tmp_path / "missing_vae")])
-    assert "does not exist" in msg and "huggingface-cli download" in msg and "--vae DIR" in msg
-    msg = err(["--model", "dit_s_2_res", "--checkpoint", str(latent), "--out", str(tmp_path / "f"), "--vae", "none"])
-    assert "4-channel latents" in msg
-    assert main(["--model", NAME, "--checkpoint", str(run_dir), "--out", str(tmp_path / "g"), "--num-samples", "0"]) == 2
-    assert main(["--model", NAME, "--checkpoint", str(run_dir), "--out", str(tmp_path / "h")] + base) == 0
-    assert "already holds samples.npz" in err(["--model", NAME, "--checkpoint", str(run_dir), "--out",
-                                               str(tmp_path / "h")])
+    args = ["--checkpoint", str(only_raw), "--num-samples", "2", "--steps", "2", "--no-progress"]
+    assert run_cli(main, args + ["--out", str(tmp_path / "o")]) == 0
+    cfg = json.loads((tmp_path / "o" / "sample_config.json").read_text())
+    assert cfg["weights"].endswith("model.safetensors") and cfg["model"] == NAME  # name read from the metadata
+
+
+def test_flow_model_samples_with_its_recorded_sampler_and_guidance(tmp_path):
+    """A file that records objective=flow is sampled with its recorded sampler, steps, scale and interval; the
+    command line overrides them; the result is the one loop's output for those settings."""
+    meta = sampling_metadata("flow", sampler="heun", steps=3, cfg_scale=2.0, guidance_interval=(0.0, 0.7))
+    run = save_run(tmp_path / "flow_run", extra_meta=meta)
+    args = ["--checkpoint", str(run), "--num-samples", "3", "--batch-size", "3", "--no-progress", "--seed", "4"]
+    assert run_cli(main, args + ["--out", str(tmp_path / "rec")]) == 0
+    cfg = json.loads((tmp_path / "rec" / "sample_config.json").read_text())
+    assert (cfg["objective"], cfg["scheduler"], cfg["steps"], cfg["cfg_scale"], cfg["guidance_interval"]) == \
+        ("flow", "heun", 3, 2.0, [0.0, 0.7])
+    images, labels = _read_npz(tmp_path / "rec" / "samples.npz")
+    model = tiny_dit(NAME, 1)  # the EMA weights
+    ref, _ = generate(model, [0, 1, 2], sample_shape=(1, 8, 8), num_classes=10, null_class=10, scheduler="heun",
+                      steps=3, cfg_scale=2.0, guidance_interval=(0.0, 0.7), seed=4, batch_size=3)
+    np.testing.assert_array_equal(images, ref)
+    assert run_cli(main, args + ["--out", str(tmp_path / "sde"), "--scheduler", "sde", "--steps", "4",
+                                 "--classes", "4,9"]) == 0
+    cfg = json.loads((tmp_path / "sde" / "sample_config.json").read_text())
+    assert (cfg["scheduler"], cfg["steps"], cfg["classes"]) == ("sde", 4, [4, 9])
+    assert _read_npz(tmp_path / "sde" / "samples.npz")[1].tolist() == [4, 9, 4]
+    assert run_cli(main, args + ["--out", str(tmp_path / "x"), "--scheduler", "ddpm"]) == 2  # not a flow sampler
 
 
 @pytest.mark.slow

@@ -128,8 +128,10 @@ def test_qk_norm_flag():
 
 
 def test_keyword_overrides():
-    model = timm.create_model("vit_digits_patch2_8_dhc2", connection="sfc", rate=4, tanh=False)
+    model = timm.create_model("vit_digits_patch2_8_dhc2", connection="sfc", rate=4)
     assert model.connection == "sfc" and model.blocks[0].attn_conn.num_streams == 4
+    with pytest.raises(ValueError, match="'tanh' does not apply to kind 'sfc'.*dhc, dfc"):  # static kinds: no tanh
+        timm.create_model("vit_digits_patch2_8_dhc2", connection="sfc", rate=4, tanh=False)
     model = timm.create_model("vit_digits_patch2_8_dhc2", tanh=False)
     assert model.blocks[0].attn_conn.use_tanh is False
     model = timm.create_model("vit_digits_patch2_8_mhc2", connection_options=dict(sinkhorn_iters=5))

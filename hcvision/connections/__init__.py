@@ -12,10 +12,14 @@ Wrap any Pre-Norm sublayer::
 
 or split the two steps (``h, ctx = conn.width(H)``; ``H = conn.depth(y, ctx)``) when the branch needs extra inputs,
 like DiT's gated adaLN branches.
+
+The papers' math is in ``base.py`` / ``hyper.py`` / ``mhc.py``; the fast paths in ``kernels/``, chosen once per
+connection by ``backend`` (``auto``, ``torch``, ``triton``, ``reference``; ``set_backend`` / ``HCV_BACKEND`` for tests
+and benchmarks).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 from torch import nn
 
@@ -34,6 +38,7 @@ from .base import (
 )
 from .duality import parallel_matrices, sequential_matrices
 from .hyper import HyperConnection, ResidualConnection, hc_init_matrix
+from .kernels import BACKENDS, set_backend
 from .mhc import ManifoldHyperConnection, sinkhorn_knopp
 
 __all__ = [
@@ -58,17 +63,22 @@ __all__ = [
     "sequential_matrices",
     "parallel_matrices",
     "static_connection_parameters",
-    "param_groups_for_weight_decay",
+    "kinds_accepting",
+    "set_backend",
+    "BACKENDS",
     "extra_parameters",
 ]
 
+_COMMON = ("recompute", "recompute_every")
+_FAST = ("backend", "fused")
+_DYNAMIC_HC = ("tanh", "scale_init", "norm", "norm_affine", "norm_eps")
 _OPTIONS: dict[str, tuple[str, ...]] = {
-    "residual": ("recompute", "recompute_every"),
-    "shc": ("fused", "recompute", "recompute_every"),
-    "sfc": ("fused", "recompute", "recompute_every"),
-    "dhc": ("tanh", "scale_init", "norm", "norm_affine", "norm_eps", "fused", "recompute", "recompute_every"),
-    "dfc": ("tanh", "scale_init", "norm", "norm_affine", "norm_eps", "fused", "recompute", "recompute_every"),
-    "mhc": ("gate_init", "sinkhorn_iters", "res_init_diag", "norm_eps", "fused", "recompute", "recompute_every"),
+    "residual": _COMMON,
+    "shc": _FAST + _COMMON,
+    "sfc": _FAST + _COMMON,
+    "dhc": _DYNAMIC_HC + _FAST + _COMMON,
+    "dfc": _DYNAMIC_HC + _FAST + _COMMON,
+    "mhc": ("gate_init", "sinkhorn_iters", "res_init_diag", "norm_eps") + _FAST + _COMMON,
 }
 
 
@@ -77,15 +87,34 @@ def connection_options(kind: str) -> tuple[str, ...]:
     return _OPTIONS[check_kind(kind)]
 
 
+def kinds_accepting(option: str) -> tuple[str, ...]:
+    """The kinds whose ``build_connection`` accepts ``option`` (empty for an unknown option)."""
+    return tuple(kind for kind in KINDS if option in _OPTIONS[kind])
+
+
+def _check_options(kind: str, options: dict[str, Any]) -> None:
+    """Reject every option ``kind`` does not use, naming the kinds that do (or, if none, every known option)."""
+    for name in sorted(set(options) - set(_OPTIONS[kind])):
+        users = kinds_accepting(name)
+        if not users:
+            known = sorted(set().union(*_OPTIONS.values()))
+            raise ValueError(f"unknown connection option {name!r}; accepted: {', '.join(known)}")
+        raise ValueError(f"connection option {name!r} does not apply to kind {kind!r}; it is accepted by "
+                         f"{', '.join(users)} (options for {kind}: {', '.join(_OPTIONS[kind])})")
+
+
 def build_connection(kind: str, dim: int, rate: int = 1, layer_index: int = 0, **options: Any) -> Connection:
     """Build the connection around sublayer ``layer_index`` of a model of hidden size ``dim``.
 
     ``rate`` is the expansion rate n for ``shc/dhc/mhc`` and the number of fractions m for ``sfc/dfc``; the residual
-    connection takes 1. Options that belong to another kind are ignored (so a model can pass one option dict to
-    every kind); options no kind knows raise ``ValueError``.
+    connection takes 1. An option the kind does not use raises ``ValueError`` naming the kinds that use it
+    (:func:`connection_options` lists a kind's options).
 
-    ``fused=False`` selects the plain reference path (einsum mix, autograd through every op) instead of the fused
-    autograd functions; both compute the same function (``tests/test_connections_fast.py``).
+    ``backend`` (every kind but the residual, which has no fast path) picks the implementation once, here:
+    ``"auto"`` (default: Triton on CUDA when installed, else the torch Functions), ``"torch"``, ``"triton"`` or
+    ``"reference"`` (the plain math, autograd through every op); see :mod:`hcvision.connections.kernels`.
+    ``fused=False`` is the older spelling of ``backend="reference"``. All compute the same function
+    (``tests/test_connections_fast.py``, ``tests/test_kernels_triton.py``).
 
     ``recompute=True`` (every kind; a no-op for the residual connection, which keeps nothing extra) drops the streams
     and the mixing results after forward and recomputes them in backward (HC App. B; mHC Sec. 4.3.2): each sublayer
@@ -93,27 +122,21 @@ def build_connection(kind: str, dim: int, rate: int = 1, layer_index: int = 0, *
     mHC Eq. 20). See :mod:`hcvision.connections.recompute`.
     """
     kind = check_kind(kind)
-    known = set().union(*_OPTIONS.values())
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown connection option(s) {unknown}; accepted: {sorted(known)}")
-    mine = {k: v for k, v in options.items() if k in _OPTIONS[kind]}
-    fused = bool(mine.pop("fused", True))
-    recompute = mine.pop("recompute", False)
-    every = mine.pop("recompute_every", Connection.recompute_every)
-    if not isinstance(recompute, bool):
-        raise ValueError(f"recompute must be True or False, got {recompute!r}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"recompute_every (sublayers per stored segment input, L_r) must be an integer >= 1, got {every!r}")
+    _check_options(kind, options)
+    options = dict(options)
+    if "fused" in options:
+        fused = options.pop("fused")
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused must be True or False, got {fused!r}")
+        if not fused:
+            if options.get("backend", "reference") != "reference":
+                raise ValueError(f"fused=False means backend='reference'; it contradicts backend={options['backend']!r}")
+            options["backend"] = "reference"
     if kind == "residual":
-        return ResidualConnection(dim, rate, layer_index)
+        return ResidualConnection(dim, rate, layer_index, **options)
     if kind == "mhc":
-        conn: Connection = ManifoldHyperConnection(dim, rate, layer_index, **mine)
-    else:
-        conn = HyperConnection(kind, dim, rate, layer_index, **mine)
-    conn.fused = fused
-    conn.recompute, conn.recompute_every = recompute, every
-    return conn
+        return ManifoldHyperConnection(dim, rate, layer_index, **options)
+    return HyperConnection(kind, dim, rate, layer_index, **options)
 
 
 def static_connection_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -123,33 +146,6 @@ def static_connection_parameters(model: nn.Module) -> list[nn.Parameter]:
         if isinstance(module, Connection):
             params.extend(module.static_parameters())
     return params
-
-
-def param_groups_for_weight_decay(
-    model: nn.Module, weight_decay: float, no_weight_decay: Iterable[str] = ()
-) -> list[dict[str, Any]]:
-    """Two optimizer groups: decayed and not.
-
-    Not decayed: static connection parameters (HC paper; decaying them made a public ViT+DHC run diverge), every
-    parameter with fewer than two dimensions (biases, norm weights, scalar gates; timm's convention), and the names in
-    ``no_weight_decay`` (or ``model.no_weight_decay()`` when the model defines it). Dynamic projections are decayed.
-    """
-    skip = set(no_weight_decay)
-    if not skip and hasattr(model, "no_weight_decay"):
-        skip = set(model.no_weight_decay())
-    static_ids = {id(p) for p in static_connection_parameters(model)}
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if id(param) in static_ids or param.ndim <= 1 or name in skip:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def extra_parameters(kind: str, dim: int, rate: int, norm_params: int | None = None) -> int:

@@ -1,16 +1,17 @@
-"""The classification trainer's data: the embedded digits or an ImageFolder root, as (train, val, classes, collate)."""
+"""The classification trainer's data: the embedded digits, an ImageFolder root, WebDataset shards or a Hugging Face
+dataset (see :mod:`.sources`), as (train, val, classes, collate)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Sequence, Tuple
 
 import torch
 
 from ..cli import UsageError
 from .digits import DigitsDataset
-from .folder import SafeImageFolder, SeededTransformDataset, build_timm_transform, collate_skip_bad
+from .folder import SafeImageFolder, SeededTransformDataset, build_timm_transform, check_image_folder, collate_skip_bad
+from .sources import DataSource, default_val_split, hfds_dataset, wds_dataset
 
-__all__ = ["classification_datasets", "digits_collate"]
+__all__ = ["classification_datasets", "digits_collate", "model_in_chans"]
 
 
 def digits_collate(batch: Sequence[Tuple[torch.Tensor, int]]) -> Tuple[torch.Tensor, torch.Tensor, int]:
@@ -23,20 +24,44 @@ def model_in_chans(model: torch.nn.Module) -> int:
     return proj.in_channels if proj is not None else model.pretrained_cfg.get("input_size", (3,))[0]
 
 
-def classification_datasets(data_dir: str, model: torch.nn.Module, *, seed: int = 0, digits_augment: bool = False,
-                            img_size: int = 0, auto_augment: str = "", reprob: float = 0.0
+def classification_datasets(source: DataSource, model: torch.nn.Module, *, seed: int = 0, digits_augment: bool = False,
+                            img_size: int = 0, auto_augment: str = "", reprob: float = 0.0, train_split: str = "train",
+                            val_split: str = "", train_num_samples: int = 0, num_classes: int = 0
                             ) -> Tuple[Any, Any, int, Callable]:
-    """(train set, val set, number of classes, collate_fn) with the model's preprocessing (mean/std, size)."""
-    if not data_dir:
+    """(train set, val set, number of classes, collate_fn) with the model's preprocessing (mean/std, size).
+
+    ``val_split`` '' is the source's default (:func:`.sources.default_val_split`). ``num_classes`` is needed only for
+    WebDataset shards whose ``_info.json`` does not give ``num_classes`` (it is then the model's class count).
+    """
+    if source.kind == "digits":
         mean, std = model.pretrained_cfg.get("mean", (0.5,)), model.pretrained_cfg.get("std", (0.5,))
         train = DigitsDataset("train", mean, std, augment=digits_augment, seed=seed)
         return train, DigitsDataset("val", mean, std), DigitsDataset.num_classes, digits_collate
-    root, in_chans = Path(data_dir), model_in_chans(model)
+    val_split = val_split or default_val_split(source)
+    in_chans = model_in_chans(model)
+    mode = "L" if in_chans == 1 else "RGB"
     t_train = build_timm_transform(model, True, img_size=img_size, auto_augment=auto_augment, reprob=reprob)
     t_val = build_timm_transform(model, False, img_size=img_size)
-    train = SeededTransformDataset(SafeImageFolder(root / "train", t_train, in_chans=in_chans), seed=seed)
-    val = SafeImageFolder(root / "val", t_val, in_chans=in_chans)
-    if train.classes != val.classes:
-        raise UsageError(f"data_dir={data_dir!r}: train/ has classes {train.classes[:5]}... but val/ has "
-                         f"{val.classes[:5]}...; both must hold the same class folders")
-    return train, val, len(train.classes), collate_skip_bad
+    if source.kind == "wds":
+        train, info_classes = wds_dataset(source, train_split, t_train, training=True, seed=seed,
+                                          num_samples=train_num_samples, mode=mode)
+        val, _ = wds_dataset(source, val_split, t_val, training=False, seed=seed, mode=mode)
+        classes = info_classes or num_classes
+        if not classes:
+            raise UsageError(f"data_dir={source.timm_name!r}: the number of classes is unknown; accepted: "
+                             "\"num_classes\": N in the shards' _info.json, or model_kwargs.num_classes=N")
+        return train, val, classes, collate_skip_bad
+    if source.kind == "hfds":
+        train_images = hfds_dataset(source, train_split, t_train, mode)
+        val = hfds_dataset(source, val_split, t_val, mode)
+    else:
+        check_image_folder(source.location, (train_split, val_split))
+        train_images = SafeImageFolder(f"{source.location}/{train_split}", t_train, in_chans=in_chans)
+        val = SafeImageFolder(f"{source.location}/{val_split}", t_val, in_chans=in_chans)
+    train_images.check_readable()
+    val.check_readable()
+    if train_images.classes != val.classes:
+        raise UsageError(f"data_dir={source.describe()!r}: split {train_split!r} has classes "
+                         f"{train_images.classes[:5]}... but {val_split!r} has {val.classes[:5]}...; both must hold the "
+                         "same class folders (ClassLabel names)")
+    return SeededTransformDataset(train_images, seed=seed), val, len(train_images.classes), collate_skip_bad

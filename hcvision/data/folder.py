@@ -16,21 +16,23 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..cli import UsageError
 
-__all__ = ["SafeImageFolder", "SeededTransformDataset", "collate_skip_bad", "check_image_folder", "build_timm_transform"]
+__all__ = ["SafeImageFolder", "SeededTransformDataset", "collate_skip_bad", "check_image_folder", "build_timm_transform",
+           "seeded_call", "probe_readable"]
 
 SPLITS = ("train", "val")
 
 
-def check_image_folder(data_dir: Union[str, Path]) -> None:
-    """Fail early, with a one-line reason, unless ``data_dir`` has ``train/`` and ``val/`` class folders."""
+def check_image_folder(data_dir: Union[str, Path], splits: Sequence[str] = SPLITS) -> None:
+    """Fail early, with a one-line reason, unless ``data_dir`` has a folder of class folders for every split."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise UsageError(f"data_dir={str(root)!r} does not exist; expected a folder with train/ and val/ "
-                          "sub-folders of class folders (or data_dir='' for the embedded digits)")
-    for split in SPLITS:
+        raise UsageError(f"data_dir={str(root)!r} does not exist; expected a folder with {'/ and '.join(splits)}/ "
+                         "sub-folders of class folders (or data_dir='' for the embedded digits, wds/DIR, hfds/NAME)")
+    for split in splits:
         d = root / split
         if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
             raise UsageError(f"data_dir={str(root)!r} has no class folders in {split}/; expected "
@@ -52,7 +54,16 @@ class SafeImageFolder(ImageFolder):
     """
 
     def __init__(self, root: Union[str, Path], transform: Optional[Callable] = None, in_chans: int = 3) -> None:
-        super().__init__(str(root), transform=transform, loader=partial(pil_loader, mode="L" if in_chans == 1 else "RGB"))
+        try:
+            super().__init__(str(root), transform=transform,
+                             loader=partial(pil_loader, mode="L" if in_chans == 1 else "RGB"))
+        except FileNotFoundError as e:  # a class folder without images (torchvision names it)
+            raise UsageError(f"{str(root)!r}: {str(e).splitlines()[0]}; accepted: every class folder holds images "
+                             f"with an extension in {', '.join(IMG_EXTENSIONS)}") from None
+
+    def check_readable(self, probe: int = 16) -> None:
+        """Fail before training unless some of the first ``probe`` images (spread over the set) can be decoded."""
+        probe_readable(repr(self.root), len(self.samples), lambda i: self.loader(self.samples[i][0]), probe)
 
     def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
         path, target = self.samples[index]
@@ -93,15 +104,37 @@ class SeededTransformDataset(Dataset):
         return getattr(self.dataset, name)
 
     def __getitem__(self, index: int) -> Any:
-        s = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
-        torch_state, py_state = torch.get_rng_state(), random.getstate()
-        torch.manual_seed(s)
-        random.seed(s)
+        return seeded_call(self.dataset.__getitem__, index, (self.seed, self.epoch, index))
+
+
+def seeded_call(fn: Callable, arg: Any, key: Sequence[int]) -> Any:
+    """``fn(arg)`` with Python's ``random`` and torch's global RNG seeded by ``key`` (restored afterwards): random
+    augmentation that depends on the sample, not on the worker or on where a resumed run restarts."""
+    s = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    torch.manual_seed(s)
+    random.seed(s)
+    try:
+        return fn(arg)
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+
+
+def probe_readable(name: str, n: int, load: Callable[[int], Any], probe: int = 16) -> None:
+    """Raise :class:`UsageError` unless one of ``probe`` samples spread over ``range(n)`` decodes (``load(i)``)."""
+    if n == 0:
+        raise UsageError(f"{name} holds no images")
+    indices = list(range(0, n, max(1, n // probe)))[:probe]
+    errors = []
+    for i in indices:
         try:
-            return self.dataset[index]
-        finally:
-            torch.set_rng_state(torch_state)
-            random.setstate(py_state)
+            load(i)
+            return
+        except Exception as e:  # PIL raises many types for unreadable files
+            errors.append(f"{type(e).__name__}: {e}")
+    raise UsageError(f"{name}: none of {len(indices)} probed images could be decoded (e.g. {errors[0][:200]}); "
+                     "accepted: image files PIL can read")
 
 
 def collate_skip_bad(batch: Sequence[Optional[Tuple[Any, int]]],

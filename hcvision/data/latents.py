@@ -3,7 +3,8 @@
 Extraction (``python -m hcvision.data.latents --data-dir IMAGENET/train --out latents/``; several processes with
 ``torchrun --nproc_per_node N -m hcvision.data.latents ...``):
 
-* every image of an ImageFolder is centre-cropped the way DiT/ADM do it (:func:`center_crop_arr`), mapped to
+* every image of an ImageFolder (or of a Hugging Face dataset split, ``--data-dir hfds/NAME --split train``, read
+  through timm's hfds reader as train_cls.py reads it) is centre-cropped the way DiT/ADM do it (:func:`center_crop_arr`), mapped to
   [-1, 1] and encoded by a diffusers ``AutoencoderKL`` given by hub id or local path
   (default ``stabilityai/sd-vae-ft-ema``);
 * what is stored is the **posterior** ``q(z | x) = N(mean, exp(logvar))`` of the image *and of its horizontal flip*
@@ -40,7 +41,7 @@ import sys
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -164,25 +165,62 @@ def center_crop_arr(image: Any, image_size: int) -> np.ndarray:
     return arr[top: top + image_size, left: left + image_size].copy()  # own, writable memory
 
 
-class _CroppedFolder(Dataset):
-    """ImageFolder samples as centre-cropped uint8 ``(C, S, S)`` tensors; a bad file fails with its path."""
+class _FolderImages:
+    """An ImageFolder's files by index as ``(PIL image, label)`` (picklable, for loader workers)."""
 
-    def __init__(self, samples: Sequence[Tuple[str, int]], indices: Sequence[int], image_size: int, mode: str) -> None:
-        self.samples, self.indices, self.image_size, self.mode = samples, list(indices), image_size, mode
+    def __init__(self, samples: Sequence[Tuple[str, int]], mode: str) -> None:
+        self.samples, self.mode = samples, mode
+
+    def __call__(self, index: int) -> Tuple[Any, int]:
+        from PIL import Image
+
+        path, label = self.samples[index]
+        with open(path, "rb") as f:
+            return Image.open(f).convert(self.mode), label
+
+
+def open_images(data_dir: PathLike, mode: str = "RGB", split: str = "train", data_root: str = ""
+                ) -> Tuple[Callable[[int], Tuple[Any, int]], List[str], int, str]:
+    """``(load(index) -> (PIL image, label), class names, count, description)`` of a folder or ``hfds/NAME`` source
+    (:mod:`.sources`; ``split``/``data_root`` are for hfds). WebDataset shards have no random access, which the
+    index-sharded extraction needs, and are refused."""
+    from torchvision.datasets import ImageFolder
+
+    from .sources import hfds_dataset, parse_data
+
+    source = parse_data(str(data_dir), data_root, key="data_dir")
+    if source.kind == "hfds":
+        images = hfds_dataset(source, split, mode=mode)
+        return images.load, images.classes, len(images), f"{source.timm_name}[{split}]"
+    if source.kind != "folder":
+        raise UsageError(f"data_dir={str(data_dir)!r}: latent extraction reads an ImageFolder (<class>/<image>) or "
+                         "hfds/NAME, whose images it shards by index; WebDataset shards have no random access")
+    if not Path(data_dir).is_dir():
+        raise UsageError(f"data_dir={str(data_dir)!r} does not exist; expected an ImageFolder (<class>/<image>) or "
+                         "hfds/NAME")
+    try:
+        folder = ImageFolder(str(data_dir), loader=lambda p: p)  # only the file list; decoding happens per shard
+    except (FileNotFoundError, OSError) as e:
+        raise UsageError(f"data_dir={str(data_dir)!r} is not an ImageFolder (<class>/<image> files): {e}") from None
+    return _FolderImages(folder.samples, mode), folder.classes, len(folder.samples), str(data_dir)
+
+
+class _Cropped(Dataset):
+    """Images by index as centre-cropped uint8 ``(C, S, S)`` tensors; a bad image fails with its name."""
+
+    def __init__(self, load: Callable[[int], Tuple[Any, int]], indices: Sequence[int], image_size: int,
+                 name: str) -> None:
+        self.load, self.indices, self.image_size, self.name = load, list(indices), image_size, name
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, int, int]:
-        from PIL import Image
-
         index = self.indices[i]
-        path, label = self.samples[index]
         try:
-            with open(path, "rb") as f:
-                image = Image.open(f).convert(self.mode)
+            image, label = self.load(index)
         except Exception as e:  # one unreadable image would leave a gap: stop and name it (finished shards are kept)
-            raise RuntimeError(f"cannot read image {path!r} (index {index}): {type(e).__name__}: {e}; fix or remove "
+            raise RuntimeError(f"cannot read image {index} of {self.name!r}: {type(e).__name__}: {e}; fix or remove "
                                "it and rerun: finished shards are kept") from None
         arr = center_crop_arr(image, self.image_size)
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), label, index
@@ -265,38 +303,32 @@ def extract_latents(
     out_dir: PathLike,
     settings: Optional[ExtractionSettings] = None,
     *,
+    split: str = "train",
+    data_root: str = "",
     batch_size: int = 32,
     num_workers: int = 0,
     progress: bool = True,
     vae: Any = None,
 ) -> Optional[Dict[str, Any]]:
-    """Encode an ImageFolder (``data_dir/<class>/<image>``) into ``out_dir``; collective over all processes.
+    """Encode an ImageFolder (``data_dir/<class>/<image>``) or split ``split`` of ``hfds/NAME`` (cached in
+    ``data_root``) into ``out_dir``; collective over all processes.
 
     Call it on every process (``torchrun``/``accelerate launch``; a single process needs nothing). ``vae``
     optionally passes an already loaded ``AutoencoderKL`` (tests); otherwise ``settings.vae`` is loaded. Returns
     the manifest on rank 0, ``None`` elsewhere.
     """
-    from torchvision.datasets import ImageFolder
-
     settings = settings or ExtractionSettings()
     settings.validate()
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size!r} is not valid; expected an integer >= 1")
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    if not data_dir.is_dir():
-        raise UsageError(f"data_dir={str(data_dir)!r} does not exist; expected an ImageFolder (<class>/<image>)")
+    out_dir = Path(out_dir)
     if (out_dir / MANIFEST).exists():
         raise UsageError(f"out_dir={str(out_dir)!r} already holds a complete extraction ({MANIFEST}); choose "
                          "another directory")
-    state = process_state()
-    try:
-        folder = ImageFolder(str(data_dir), loader=lambda p: p)  # only the file list; decoding happens per shard
-    except (FileNotFoundError, OSError) as e:
-        raise UsageError(f"data_dir={str(data_dir)!r} is not an ImageFolder (<class>/<image> files): {e}") from None
-    samples, classes = folder.samples, folder.classes
-    n = len(samples)
+    load, classes, n, name = open_images(data_dir, settings.channels, split, data_root)
     if n == 0:
-        raise UsageError(f"data_dir={str(data_dir)!r} holds no images")
+        raise UsageError(f"data_dir={name!r} holds no images")
+    state = process_state()
     if vae is None and not settings.pixel_mode:
         vae = load_vae(settings.vae, state.device)
     if vae is not None and not settings.pixel_mode:  # the VAE's own factor (0.18215 for the SD VAEs)
@@ -317,7 +349,7 @@ def extract_latents(
         bar = tqdm(total=sum(b - a for a, b in todo), desc=f"extract (rank 0 of {state.num_processes})")
     store = DTYPES[settings.dtype]
     for start, stop in todo:
-        ds = _CroppedFolder(samples, range(start, stop), settings.image_size, settings.channels)
+        ds = _Cropped(load, range(start, stop), settings.image_size, name)
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         parts: List[torch.Tensor] = []
         labels: List[torch.Tensor] = []
@@ -478,7 +510,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hcvision.data.latents",
                                 description="Extract VAE posteriors (or pixels) of an ImageFolder for DiT training. "
                                             "Several processes: torchrun --nproc_per_node N -m hcvision.data.latents")
-    p.add_argument("--data-dir", required=True, help="ImageFolder root: <class>/<image> (e.g. imagenet/train)")
+    p.add_argument("--data-dir", required=True, help="ImageFolder root: <class>/<image> (e.g. imagenet/train), or "
+                                                     "hfds/NAME (a local Hugging Face dataset directory or a Hub id)")
+    p.add_argument("--split", default="train", help="hfds: the split to extract (default train)")
+    p.add_argument("--data-root", default="", help="hfds: the Hugging Face datasets cache directory")
     p.add_argument("--out", required=True, help="output directory (new, or a partial extraction to resume)")
     p.add_argument("--vae", default=DEFAULT_VAE, help=f"hub id or local diffusers directory, or 'none' for pixels "
                                                       f"(default {DEFAULT_VAE})")
@@ -494,7 +529,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     settings = ExtractionSettings(vae=args.vae, image_size=args.image_size, flip=not args.no_flip, dtype=args.dtype,
                                   shard_size=args.shard_size, channels=args.channels)
-    manifest = extract_latents(args.data_dir, args.out, settings, batch_size=args.batch_size,
+    manifest = extract_latents(args.data_dir, args.out, settings, split=args.split, data_root=args.data_root,
+                               batch_size=args.batch_size,
                                num_workers=args.num_workers)
     if manifest is not None:
         print(json.dumps({k: manifest[k] for k in ("num_samples", "mode", "views", "sample_shape", "scale_factor")}))

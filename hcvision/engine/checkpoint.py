@@ -124,6 +124,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        io.failpoint("checkpoint.state_saved")
         if acc.is_main_process:
             if ema_state is not None:
                 io.save_safetensors(ema_state, tmp / "ema.safetensors")
@@ -133,7 +134,9 @@ class CheckpointManager:
         if acc.is_main_process:
             if final.exists():  # same step saved twice (e.g. a signal right after a periodic save)
                 shutil.rmtree(final)
+            io.failpoint("checkpoint.before_rename")
             os.replace(tmp, final)
+            io.failpoint("checkpoint.renamed")
             for old in self.list()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()

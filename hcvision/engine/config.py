@@ -87,6 +87,8 @@ class BaseTrainConfig:
     checkpoint_every: int = 0  # optimiser steps between checkpoints; 0: only at epoch ends
     keep_checkpoints: int = 2
     log_every: int = 10
+    diagnostics: bool = True  # connection diagnostics (hcvision.analysis.diagnostics) every log_every steps
+    connection_lr_scale: float = 1.0  # LR multiplier for connection parameters (HC/FC/mHC)
     tensorboard: bool = True
     progress_bar: bool = True
 
@@ -112,6 +114,8 @@ class BaseTrainConfig:
         require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
         require(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
+        require(self.connection_lr_scale > 0 and _finite(self.connection_lr_scale), "connection_lr_scale",
+                self.connection_lr_scale, "a finite number > 0")
         require(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
         require(self.resume in ("", "auto") or os.path.isdir(self.resume), "resume", self.resume, RESUME_HELP)
         # The optimizer factory validates names itself, but only after the model was built: check early.

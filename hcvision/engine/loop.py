@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.data_loader import skip_first_batches
 
+from .. import io
 from .accel import reseed_for_step
 from .checkpoint import CheckpointManager, TrainState
 from .config import BaseTrainConfig
@@ -89,13 +90,26 @@ def build_optimizer(model: torch.nn.Module, cfg: BaseTrainConfig) -> torch.optim
 
     The HC/FC ViTs list their static connection parameters in ``no_weight_decay()`` (the paper's
     recipe; decaying them was seen to diverge), so the factory's grouping is the paper's.
+    ``connection_lr_scale`` multiplies the LR of every connection parameter (their own param groups).
     """
-    from timm.optim import create_optimizer_v2
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
+
+    from ..connections import Connection
 
     kwargs: Dict[str, Any] = {}
     if "adam" in cfg.opt.lower() or "lamb" in cfg.opt.lower():
         kwargs.update(betas=tuple(cfg.betas), eps=cfg.eps)
-    return create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    if cfg.connection_lr_scale == 1.0:
+        return create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    conn = {id(p) for m in model.modules() if isinstance(m, Connection) for p in m.parameters()}
+    groups = []
+    for group in param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip):
+        for is_conn in (False, True):
+            params = [p for p in group["params"] if (id(p) in conn) == is_conn]
+            if params:
+                groups.append({**group, "params": params, "lr": cfg.lr * (cfg.connection_lr_scale if is_conn else 1)})
+    return create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=0.0, **kwargs)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
@@ -193,6 +207,14 @@ class Trainer:
         t = self.acc.reduce(t, reduction="sum")
         return [bool(v > 0) for v in t.tolist()]
 
+    def _diagnostics(self) -> Dict[str, float]:
+        """Connection diagnostics of the static matrices (microseconds; no forward pass), when enabled."""
+        if not self.cfg.diagnostics or not self.acc.is_main_process:
+            return {}
+        from ..analysis.diagnostics import connection_diagnostics
+
+        return connection_diagnostics(self.acc.unwrap_model(self.model))
+
     def save_checkpoint(self) -> str:
         ema_sd = ema_state_dict(self.ema) if self.ema is not None else None
         return str(self.ckpt.save(self.state, ema_sd))
@@ -253,13 +275,15 @@ class Trainer:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     st.global_step += 1
+                    io.failpoint("train.step")
                     if self.ema is not None:
                         self.ema.update(acc.unwrap_model(self.model), step=st.global_step)
                     last_loss = sum(running) / len(running)
                     running.clear()
                     bar.update(1, loss=last_loss, lr=lr, img_s=meter.peek(epoch_images))
                     if st.global_step % cfg.log_every == 0:
-                        self.logger.log({"train/loss": last_loss, "train/lr": lr, "epoch": st.epoch}, st.global_step)
+                        self.logger.log({"train/loss": last_loss, "train/lr": lr, "epoch": st.epoch,
+                                         **self._diagnostics()}, st.global_step)
                     done = st.global_step >= self.stop_step
                     if stop or (cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0 and not done):
                         meter.stop(epoch_images)
@@ -279,7 +303,8 @@ class Trainer:
                     st.step_in_epoch = 0
                     if self.evaluate_fn is not None:
                         result.eval_metrics = self.evaluate_fn(self.model, self.ema.module if self.ema else None)
-                        self.logger.log({**result.eval_metrics, "epoch": st.epoch}, st.global_step)
+                        self.logger.log({**{f"val/{k}": v for k, v in result.eval_metrics.items()},
+                                         "epoch": st.epoch}, st.global_step)
                     result.checkpoint = self.save_checkpoint()
                 elif st.global_step >= self.stop_step:  # max_steps ended the run mid-epoch
                     result.checkpoint = self.save_checkpoint()

@@ -22,6 +22,7 @@ import torch
 
 from .. import io
 from ..cli import run_cli
+from ..provenance import run_provenance
 from .accel import build_accelerator, per_device_batch_size, release_accelerator, seed_everything
 from .checkpoint import CheckpointManager, check_output_dir, validate_resume
 from .config import BaseTrainConfig, ConfigError, config_to_dict, parse_config, save_config
@@ -43,6 +44,8 @@ class Run:
         self.acc = build_accelerator(cfg, log_with_tensorboard=tensorboard if writes else False)
         self.batch_size = per_device_batch_size(cfg.global_batch_size, self.acc.num_processes, cfg.grad_accum_steps)
         self.exit_code = 0
+        self.provenance = {**run_provenance(), "seed": cfg.seed, "num_processes": self.acc.num_processes,
+                           "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]]}
         self.model: Optional[torch.nn.Module] = None
         self.ema: Any = None
         seed_everything(cfg.seed)  # same initial weights on every rank and for every rerun
@@ -57,16 +60,20 @@ class Run:
 
     def _check_launch(self) -> None:
         """Say how many processes run and with which per-device batch; warn when a launcher asked for more."""
-        asked = int(os.environ.get("ACCELERATE_NUM_PROCESSES", os.environ.get("WORLD_SIZE", "1")) or 1)
-        n = self.acc.num_processes
-        if self.is_main:
-            print(f"{self.name}: {n} process(es) on {self.acc.device.type}, per-device batch {self.batch_size} "
-                  f"x {self.cfg.grad_accum_steps} accumulation = global batch {self.cfg.global_batch_size}",
+        n, env = self.acc.num_processes, os.environ
+        asked = int(env.get("WORLD_SIZE", "1") or 1)
+        # accelerate's simple launcher (used for --cpu and MULTI_CPU configs without a hostfile) sets MASTER_ADDR
+        # when asked for several processes, but starts just one and no WORLD_SIZE.
+        lone = "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+        if not self.is_main:
+            return
+        print(f"{self.name}: {n} process(es) on {self.acc.device.type}, per-device batch {self.batch_size} "
+              f"x {self.cfg.grad_accum_steps} accumulation = global batch {self.cfg.global_batch_size}",
+              file=sys.stderr, flush=True)
+        if asked > n or (lone and n == 1):
+            print(f"{self.name}: warning: the launcher asked for {asked if asked > n else 'several'} processes but {n} "
+                  "started (accelerate launch --cpu starts one); for CPU processes use torchrun --nproc_per_node N",
                   file=sys.stderr, flush=True)
-            if asked > n:
-                print(f"{self.name}: warning: the launcher asked for {asked} processes but {n} started (accelerate "
-                      "launch --cpu starts one; use torchrun --nproc_per_node N for CPU processes)", file=sys.stderr,
-                      flush=True)
 
     # -- set-up ------------------------------------------------------------------------------------
     def trainer(self, model: torch.nn.Module, train_loader: Any, loss_fn: Callable, *, evaluate_fn: Any = None,
@@ -83,6 +90,7 @@ class Run:
         self.model, self.eval_loaders = model, eval_loaders
         if self.is_main:  # from here on the run writes into output_dir
             save_config(cfg, self.out / "config.yaml")
+            io.write_json(self.out / "provenance.json", self.provenance)
         acc.init_trackers(self.name, config={k: v for k, v in config_to_dict(cfg).items()
                                              if isinstance(v, (int, float, str, bool))})
         trainer = Trainer(cfg, acc, model, optimizer, train_loader, loss_fn, ema=self.ema, evaluate_fn=evaluate_fn)
@@ -103,12 +111,18 @@ class Run:
     def unwrapped(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.model)
 
-    def save_weights(self, metadata: Dict[str, str]) -> None:
-        """Final ``model.safetensors`` and, with EMA, ``model_ema.safetensors`` (same metadata); collective."""
+    def save_weights(self, metadata: Dict[str, str],
+                     select: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> None:
+        """Final ``model.safetensors`` and, with EMA, ``model_ema.safetensors`` (same metadata); collective.
+
+        ``select`` picks the part of the trained module whose weights are written (e.g. the DiT inside a REPA
+        wrapper, whose projector only serves training); checkpoints keep the whole module for exact resume.
+        """
         if self.is_main:
-            io.save_safetensors(self.unwrapped.state_dict(), self.out / "model.safetensors", metadata=metadata)
+            io.save_safetensors(select(self.unwrapped).state_dict(), self.out / "model.safetensors",
+                                metadata=metadata)
             if self.ema is not None:
-                io.save_safetensors(self.ema.module.state_dict(), self.out / "model_ema.safetensors",
+                io.save_safetensors(select(self.ema.module).state_dict(), self.out / "model_ema.safetensors",
                                     metadata=metadata)
         self.acc.wait_for_everyone()
 
@@ -125,6 +139,7 @@ class Run:
             "num_processes": self.acc.num_processes,
             "per_device_batch": self.batch_size,
             "mixed_precision": self.cfg.mixed_precision,
+            "provenance": self.provenance,
         }
         numeric = {f"final/{k}": v for k, v in results.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}

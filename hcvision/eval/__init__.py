@@ -1,14 +1,18 @@
-"""Evaluation: top-1/top-5 for classifiers; generative metrics (FID, IS, precision/recall, KID) and their extractors.
+"""Evaluation: top-1/top-5 for classifiers; generative metrics (FID, sFID, IS, precision/recall, KID, FD-DINOv2), their
+extractors and the provenance of a result.
 
-Importing this package registers the ``hcv-inception-v3-compat`` and ``hcv-digits`` feature extractors
-with torch-fidelity.
+Importing this package registers the ``hcv-inception-v3-compat``, ``hcv-digits`` and ``hcv-dinov2`` feature extractors
+with torch-fidelity. The command line is ``python -m hcvision.eval.generative`` (not imported here, so ``-m`` runs it
+once).
 """
 from .classification import TopKAccumulator, topk_accuracy, topk_correct, topk_hits
+from .dinov2 import DINOV2_EXTRACTOR, DINOV2_WEIGHTS_ENV, DinoV2FeatureExtractor, dinov2_preprocess, load_dinov2
 from .features import (
     DIGITS_CLASSIFIER_ENV,
     DIGITS_EXTRACTOR,
     INCEPTION_EXTRACTOR,
     INCEPTION_WEIGHTS_ENV,
+    SPATIAL_FEATURE,
     DigitsFeatureExtractor,
     SafeInceptionV3,
     WeightsUnavailableError,
@@ -19,20 +23,18 @@ from .features import (
     load_inception_state_dict,
     save_digits_classifier,
 )
+from .metrics import (
+    GenerativeEvaluation,
+    cls_acc,
+    compute_stats,
+    evaluate_generative,
+    frechet_distance,
+    generative_metrics,
+    metrics_from_stats,
+    save_reference_stats,
+)
 from .npz import FeatureStats, load_image_folder, load_npz_samples, load_stats, save_npz_samples, save_stats
-
-# generative.py is also a script (`python -m hcvision.eval.generative`); importing it lazily keeps runpy
-# from finding it already imported by this package (which makes it warn and run the module twice).
-_GENERATIVE = ("cls_acc", "compute_stats", "generative_metrics", "metrics_from_stats", "save_reference_stats")
-
-
-def __getattr__(name: str):
-    if name in _GENERATIVE:
-        from . import generative
-
-        return getattr(generative, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from .provenance import PROVENANCE_KEYS, SAMPLING_KEYS, input_sha256, provenance_fields
 
 __all__ = [
     "TopKAccumulator",
@@ -41,10 +43,17 @@ __all__ = [
     "topk_hits",
     "DIGITS_CLASSIFIER_ENV",
     "DIGITS_EXTRACTOR",
+    "DINOV2_EXTRACTOR",
+    "DINOV2_WEIGHTS_ENV",
     "INCEPTION_EXTRACTOR",
     "INCEPTION_WEIGHTS_ENV",
+    "PROVENANCE_KEYS",
+    "SAMPLING_KEYS",
+    "SPATIAL_FEATURE",
     "DigitsFeatureExtractor",
+    "DinoV2FeatureExtractor",
     "FeatureStats",
+    "GenerativeEvaluation",
     "SafeInceptionV3",
     "WeightsUnavailableError",
     "class_accuracy",
@@ -52,13 +61,19 @@ __all__ = [
     "compute_stats",
     "digits_preprocess",
     "digits_to_uint8",
+    "dinov2_preprocess",
+    "evaluate_generative",
+    "frechet_distance",
     "generative_metrics",
+    "input_sha256",
     "load_digits_classifier",
+    "load_dinov2",
     "load_image_folder",
     "load_inception_state_dict",
     "load_npz_samples",
     "load_stats",
     "metrics_from_stats",
+    "provenance_fields",
     "save_digits_classifier",
     "save_npz_samples",
     "save_reference_stats",

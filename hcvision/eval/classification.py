@@ -5,7 +5,7 @@ divide once at the end.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -46,16 +46,28 @@ def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]
 
 
 class TopKAccumulator:
-    """Sum top-k hits over batches; ``compute()`` returns percentages and the sample count."""
+    """Sum top-k hits over batches (and ranks); ``compute()`` returns percentages and the sample count.
+
+    ``update(logits, targets)`` counts one local batch; ``add_hits(hits, valid)`` counts per-sample hits that were
+    already gathered across processes (``accelerator.gather_for_metrics((topk_hits(...), valid))``, which drops the
+    padding of an uneven last batch), leaving out samples whose ``valid`` entry is False (unreadable images).
+    """
 
     def __init__(self, ks: Sequence[int] = (1, 5)) -> None:
         self.ks = tuple(ks)
         self.correct = torch.zeros(len(self.ks), dtype=torch.long)
         self.count = 0
 
+    def add_hits(self, hits: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
+        if hits.dim() != 2 or hits.shape[1] != len(self.ks):
+            raise ValueError(f"hits must be (batch, {len(self.ks)}) for ks={self.ks}, got {tuple(hits.shape)}")
+        if valid is not None:
+            hits = hits[valid.to(torch.bool)]
+        self.correct += hits.long().sum(0).cpu()
+        self.count += int(hits.shape[0])
+
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        self.correct += topk_correct(logits, targets, self.ks).cpu()
-        self.count += int(targets.shape[0])
+        self.add_hits(topk_hits(logits, targets, self.ks))
 
     def compute(self) -> Dict[str, float]:
         out: Dict[str, float] = {f"top{k}": 100.0 * c.item() / max(1, self.count) for k, c in zip(self.ks, self.correct)}

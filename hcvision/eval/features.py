@@ -5,8 +5,9 @@ Two extractors are registered on import:
 ``hcv-inception-v3-compat``
     torch-fidelity's TF-compatible InceptionV3 (the network behind FID/IS/KID, and behind ADM's
     precision/recall), but its weights are always loaded *safely* by hcvision: from a ``.safetensors``
-    file or with ``torch.load(weights_only=True)``, then checked key by key and shape by shape before
-    torch-fidelity sees them. torch-fidelity's own loader calls ``torch.load(weights_only=False)``,
+    file or with ``torch.load(weights_only=True)`` (:func:`hcvision.io.load_weights`), then checked key by key,
+    shape by shape and for NaN/Inf before torch-fidelity sees them. Besides torch-fidelity's features it provides
+    ``'mixed_6/conv'``, the spatial features of ADM's sFID (see :data:`SPATIAL_FEATURE`). torch-fidelity's own loader calls ``torch.load(weights_only=False)``,
     which would run any pickle a user file contains. Weights come from, in order: the
     ``feature_extractor_weights_path`` argument, the ``HCV_INCEPTION_WEIGHTS`` environment variable,
     the torch hub cache / a download of torch-fidelity's official file.
@@ -20,10 +21,10 @@ Two extractors are registered on import:
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import io
-import json
 import os
+import sys
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -36,7 +37,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from .npz import atomic_write_bytes
+from ..cli import UsageError
+from ..io import PathLike, check_finite, file_sha256, load_model, load_weights, read_metadata, save_safetensors
 
 __all__ = [
     "DIGITS_CLASSIFIER_ENV",
@@ -49,6 +51,8 @@ __all__ = [
     "INCEPTION_URL",
     "INCEPTION_WEIGHTS_ENV",
     "PYTORCH_FID_INCEPTION_URL",
+    "SPATIAL_CHANNELS",
+    "SPATIAL_FEATURE",
     "SafeInceptionV3",
     "WeightsUnavailableError",
     "class_accuracy",
@@ -56,16 +60,13 @@ __all__ = [
     "digits_model_input",
     "digits_preprocess",
     "digits_to_uint8",
-    "file_sha256",
     "inception_reference_shapes",
     "load_digits_classifier",
     "load_inception_state_dict",
-    "load_tensor_file",
     "save_digits_classifier",
     "validate_inception_state_dict",
 ]
 
-PathLike = Union[str, os.PathLike]
 
 INCEPTION_EXTRACTOR = "hcv-inception-v3-compat"
 DIGITS_EXTRACTOR = "hcv-digits"
@@ -82,51 +83,15 @@ DIGITS_IMAGE_SIZE = 8
 DIGITS_MAX_VALUE = 16.0
 
 
-class WeightsUnavailableError(RuntimeError):
+# ADM's sFID (Nash et al. 2021, as computed by guided-diffusion's evaluator): the TF graph's ``mixed_6/conv:0``
+# (the ReLU output of the 1x1 branch of the fourth 17x17 block, torch-fidelity's ``Mixed_6d.branch1x1``: TF's
+# mixed_3 is Mixed_6a, mixed_6 is Mixed_6d), first 7 of its 192 channels, flattened in NHWC order: 17*17*7 = 2023.
+SPATIAL_FEATURE = "mixed_6/conv"
+SPATIAL_CHANNELS = 7
+
+
+class WeightsUnavailableError(UsageError):
     """Feature-extractor weights were not given and could not be obtained (e.g. no network)."""
-
-
-def file_sha256(path: PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (fingerprints extractor weights in cached statistics)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_tensor_file(path: PathLike, what: str = "weights") -> dict[str, torch.Tensor]:
-    """Load a flat ``{name: tensor}`` mapping without executing any pickle.
-
-    ``.safetensors`` files go through safetensors; anything else through ``torch.load(weights_only=True)``,
-    whose restricted unpickler refuses arbitrary globals. A single wrapper level (``{"state_dict": ...}``
-    or ``{"model": ...}``) is unwrapped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, foreign format or a pickle with forbidden globals
-        raise ValueError(
-            f"could not load {what} from {str(path)!r} safely ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
-            "Expected a .safetensors file or a PyTorch state dict of plain tensors (torch.save(model.state_dict()))"
-        ) from e
-    if isinstance(obj, Mapping) and len(obj) == 1:
-        (key, inner), = obj.items()
-        if key in ("state_dict", "model") and isinstance(inner, Mapping):
-            obj = inner
-    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
-        raise ValueError(
-            f"{what} file {str(path)!r} does not hold a flat mapping of parameter names to tensors "
-            f"(got {type(obj).__name__})"
-        )
-    return dict(obj)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -150,7 +115,7 @@ def inception_reference_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def validate_inception_state_dict(state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
-    """Raise ``ValueError`` unless ``state`` has exactly the InceptionV3 layout torch-fidelity expects.
+    """Raise :class:`UsageError` unless ``state`` has exactly the InceptionV3 layout torch-fidelity expects.
 
     ``num_batches_tracked`` buffers may be absent (older checkpoints omit them; BatchNorm fills them in).
     """
@@ -167,7 +132,7 @@ def validate_inception_state_dict(state: Mapping[str, torch.Tensor], source: str
         if items:
             problems.append(f"{len(items)} {label} (e.g. {', '.join(items[:4])})")
     if problems:
-        raise ValueError(
+        raise UsageError(
             f"{source} is not a torch-fidelity/pytorch-fid InceptionV3 (pt_inception-2015-12-05) state dict: "
             + "; ".join(problems)
         )
@@ -194,38 +159,44 @@ def load_inception_state_dict(
         (state_dict, sha256 of the file, human-readable source)
     Raises:
         WeightsUnavailableError: nothing given and the download failed (e.g. offline).
-        ValueError: the file is corrupt, a foreign pickle, or not an InceptionV3 state dict.
+        UsageError: the file is corrupt, a foreign pickle, not an InceptionV3 state dict, or holds NaN/Inf.
     """
     path = weights_path if weights_path is not None else os.environ.get(INCEPTION_WEIGHTS_ENV) or None
     if path is not None:
         if not Path(path).is_file():
             raise WeightsUnavailableError(_offline_message(f"the file {str(path)!r} does not exist"))
-        state = load_tensor_file(path, what="InceptionV3 weights")
+        state, _ = load_weights(path, what="InceptionV3 weights")
         validate_inception_state_dict(state, source=repr(str(path)))
+        check_finite(state, f"InceptionV3 weights {str(path)!r}")
         return state, file_sha256(path), str(path)
 
     file_name = os.path.basename(INCEPTION_URL)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
     try:
-        state = torch.hub.load_state_dict_from_url(
-            INCEPTION_URL, map_location="cpu", progress=progress, check_hash=True, weights_only=True
-        )
+        # torch.hub announces the download on stdout, which carries only results: show it on stderr when verbose
+        with contextlib.redirect_stdout(sys.stderr if progress else io.StringIO()):
+            state = torch.hub.load_state_dict_from_url(
+                INCEPTION_URL, map_location="cpu", progress=progress, check_hash=True, weights_only=True
+            )
     except (URLError, OSError, ConnectionError, TimeoutError) as e:
         raise WeightsUnavailableError(
             _offline_message(f"no weights path was given and downloading failed ({type(e).__name__}: {e})")
         ) from e
     except Exception as e:  # a cached file that is corrupt or not loadable with weights_only=True
-        raise ValueError(f"could not load the cached InceptionV3 weights {str(cached)!r} safely: {e}") from e
+        raise UsageError(f"could not load the cached InceptionV3 weights {str(cached)!r} safely "
+                         f"({type(e).__name__}); delete it or pass --inception-weights PATH") from None
     if not isinstance(state, Mapping):
-        raise ValueError(f"cached InceptionV3 weights {str(cached)!r} are not a state dict")
+        raise UsageError(f"cached InceptionV3 weights {str(cached)!r} are not a state dict; delete the file")
     validate_inception_state_dict(state, source=repr(str(cached)))
+    check_finite(state, f"InceptionV3 weights {str(cached)!r}")
     return dict(state), file_sha256(cached) if cached.is_file() else "", str(cached)
 
 
 class SafeInceptionV3(FeatureExtractorInceptionV3):
     """torch-fidelity's InceptionV3 with weights loaded and validated by :func:`load_inception_state_dict`.
 
-    Same features as ``inception-v3-compat`` ('64', '192', '768', '2048', 'logits_unbiased', 'logits').
+    Same features as ``inception-v3-compat`` ('64', '192', '768', '2048', 'logits_unbiased', 'logits'), plus
+    :data:`SPATIAL_FEATURE` (sFID's spatial features, (N, 2023) for the 17x17 grid).
     ``weights_sha256`` and ``weights_source`` record where the weights came from.
     """
 
@@ -257,6 +228,34 @@ class SafeInceptionV3(FeatureExtractorInceptionV3):
         self.weights_sha256 = sha
         self.weights_source = source
 
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return (*FeatureExtractorInceptionV3.get_provided_features_list(), SPATIAL_FEATURE)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if SPATIAL_FEATURE not in self.features_list:
+            return super().forward(x)
+        # torch-fidelity's forward stops after the last feature it is asked for; '768' (after Mixed_6e) makes it run
+        # through Mixed_6d, whose 1x1 branch a hook reads on the way.
+        captured: list[torch.Tensor] = []
+
+        def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+            # (N, 192, 17, 17) -> first 7 channels, NHWC order as ADM's `spatial[..., :7]` then reshape(N, -1)
+            captured.append(out[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(out.shape[0], -1).float())
+
+        wanted = self.features_list
+        others = [f for f in wanted if f != SPATIAL_FEATURE]
+        handle = self.Mixed_6d.branch1x1.register_forward_hook(hook)
+        # the parent must run at least through Mixed_6e ('768'), or the hook never fires
+        self.features_list = others if set(others) - {"64", "192"} else [*others, "768"]
+        try:
+            out = dict(zip(self.features_list, super().forward(x)))
+        finally:
+            self.features_list = wanted
+            handle.remove()
+        out[SPATIAL_FEATURE] = captured[0]
+        return tuple(out[f] for f in wanted)
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Digits classifier
@@ -277,12 +276,12 @@ def digits_preprocess(images: torch.Tensor) -> torch.Tensor:
     Returns float32 (N, 1, 8, 8) in [0, 16] -- exactly the scale of ``load_digits().images``.
     """
     if not torch.is_tensor(images) or images.dtype != torch.uint8 or images.dim() != 4:
-        raise ValueError(
+        raise UsageError(
             "digits_preprocess expects a uint8 tensor (N, C, H, W); got "
             f"{type(images).__name__} {getattr(images, 'dtype', '')} {tuple(getattr(images, 'shape', ()))}"
         )
     if images.shape[1] not in (1, 3):
-        raise ValueError(
+        raise UsageError(
             f"digits_preprocess expects 1 or 3 channels, got {images.shape[1]} (shape {tuple(images.shape)})"
         )
     x = images.float().mean(dim=1, keepdim=True)
@@ -316,10 +315,10 @@ def class_accuracy(logits: torch.Tensor, labels: Union[torch.Tensor, Any]) -> fl
     logits = torch.as_tensor(logits)
     labels = torch.as_tensor(labels).long()
     if logits.dim() != 2 or labels.shape != (logits.shape[0],):
-        raise ValueError(f"class_accuracy: logits (N, K) and labels (N,) expected, got {tuple(logits.shape)} "
+        raise UsageError(f"class_accuracy: logits (N, K) and labels (N,) expected, got {tuple(logits.shape)} "
                          f"and {tuple(labels.shape)}")
     if labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-        raise ValueError(f"class_accuracy: labels must lie in [0, {logits.shape[1] - 1}], got "
+        raise UsageError(f"class_accuracy: labels must lie in [0, {logits.shape[1] - 1}], got "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     return float((logits.argmax(dim=1) == labels).double().mean())
 
@@ -349,29 +348,13 @@ def save_digits_classifier(
     The safetensors metadata records the timm name under ``model`` and the JSON ``model_kwargs`` given to
     ``timm.create_model`` -- the same keys ``train_cls.py`` writes into its ``model.safetensors``.
     """
-    from safetensors.torch import save
+    import json
 
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"classifier path must end with .safetensors, got {str(path)!r}")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        raise UsageError(f"classifier path must end with .safetensors, got {str(path)!r}")
     metadata = {"model": model_name, "model_kwargs": json.dumps(model_kwargs or {})}
-    atomic_write_bytes(path, save(state, metadata=metadata))
-    return path
-
-
-def _create_timm_model(model_name: str, model_kwargs: dict[str, Any]) -> torch.nn.Module:
-    import timm
-
-    if not timm.is_model(model_name):
-        try:  # hcvision's own models register with timm on import
-            import hcvision.models  # noqa: F401
-        except ImportError:
-            pass
-    if not timm.is_model(model_name):
-        raise ValueError(f"unknown timm model name {model_name!r} for the digits classifier "
-                         "(is the package that registers it imported?)")
-    return timm.create_model(model_name, pretrained=False, **model_kwargs)
+    return save_safetensors(model.state_dict(), path, metadata=metadata)
 
 
 def load_digits_classifier(
@@ -380,13 +363,13 @@ def load_digits_classifier(
     model_name: Optional[str] = None,
     model_kwargs: Optional[dict[str, Any]] = None,
 ) -> tuple[torch.nn.Module, str]:
-    """Build the digits classifier from a local safetensors file; returns (model in eval mode, sha256).
+    """Build the digits classifier from a local weights file; returns (model in eval mode, sha256).
 
-    ``model_name`` / ``model_kwargs`` override what the file's metadata records (see
-    :func:`save_digits_classifier`); ``$HCV_DIGITS_MODEL_NAME`` is used when neither names a model.
+    The model is rebuilt by :func:`hcvision.io.load_model` from the name and kwargs recorded in the file's metadata
+    (see :func:`save_digits_classifier`); ``model_name`` / ``model_kwargs`` override them, and
+    ``$HCV_DIGITS_MODEL_NAME`` names the model when neither the argument nor the file does. NaN/Inf weights are
+    refused.
     """
-    from safetensors import safe_open
-
     path = Path(path) if path is not None else default_digits_classifier_path()
     if not path.is_file():
         raise WeightsUnavailableError(
@@ -394,30 +377,13 @@ def load_digits_classifier(
             f"classifier training script) and pass its path as weights_path=... (CLI: --weights PATH) or set "
             f"{DIGITS_CLASSIFIER_ENV}=PATH"
         )
-    if path.suffix != ".safetensors":
-        raise ValueError(f"the digits classifier must be a .safetensors file, got {str(path)!r}")
-    state = load_tensor_file(path, what="digits classifier weights")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    name = model_name or metadata.get("model") or metadata.get("model_name") or os.environ.get(DIGITS_MODEL_NAME_ENV)
-    if not name:
-        raise ValueError(
-            f"{str(path)!r} does not record its timm model name; pass model_name=... or set {DIGITS_MODEL_NAME_ENV}"
-        )
-    if model_kwargs is None:
-        try:
-            model_kwargs = json.loads(metadata.get("model_kwargs", "{}"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{str(path)!r}: metadata 'model_kwargs' is not valid JSON: {e}") from e
-        if not isinstance(model_kwargs, dict):
-            raise ValueError(f"{str(path)!r}: metadata 'model_kwargs' must be a JSON object, got {model_kwargs!r}")
-    model = _create_timm_model(name, model_kwargs)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{str(path)!r} does not match timm model {name!r} with {model_kwargs}: {e}") from e
-    model.requires_grad_(False).eval()
-    return model, file_sha256(path)
+    name = model_name or os.environ.get(DIGITS_MODEL_NAME_ENV) or None
+    meta = read_metadata(path)
+    if name is None and not (meta.get("model") or meta.get("model_name")):
+        raise UsageError(f"digits classifier {str(path)!r} does not record its timm model name; pass model_name=... "
+                         f"(CLI: --model-name NAME) or set {DIGITS_MODEL_NAME_ENV}")
+    model, info = load_model(path, name, model_kwargs, what="timm model for the digits classifier")
+    return model, info["sha256"]
 
 
 class DigitsFeatureExtractor(FeatureExtractorBase):
@@ -450,10 +416,11 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
         try:  # fail at construction, not mid-evaluation, if the model does not take 1x8x8 inputs
             with torch.no_grad():
                 logits = self.model(torch.zeros(1, 1, DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE))
-        except Exception as e:
-            raise ValueError(f"digits classifier {str(path)!r} does not accept (N, 1, 8, 8) inputs: {e}") from e
+        except (RuntimeError, ValueError, AssertionError) as e:
+            raise UsageError(f"digits classifier {str(path)!r} does not accept (N, 1, 8, 8) inputs "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
         if logits.dim() != 2:
-            raise ValueError(f"digits classifier {str(path)!r} returns {tuple(logits.shape)}, expected (N, classes)")
+            raise UsageError(f"digits classifier {str(path)!r} returns {tuple(logits.shape)}, expected (N, classes)")
         self.num_classes = logits.shape[1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -11,23 +11,25 @@ Three on-disk forms are understood:
   ``logits``, plus the feature extractor's name and a fingerprint of its weights so statistics are
   never silently compared across different extractors.
 
-Every file is read with ``allow_pickle=False`` and written atomically (temporary file + rename).
+Every file is read with ``allow_pickle=False`` and written through :func:`hcvision.io.atomic_write`. Bad files and
+arrays raise :class:`~hcvision.cli.UsageError` naming the file and what is accepted.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Dict, Optional
 
 import numpy as np
+
+from ..cli import UsageError
+from ..io import PathLike, atomic_write
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "STATS_FORMAT",
     "FeatureStats",
-    "atomic_write_bytes",
     "is_stats_file",
     "list_image_files",
     "load_image_folder",
@@ -38,32 +40,30 @@ __all__ = [
     "to_nhwc_uint8",
 ]
 
-PathLike = Union[str, os.PathLike]
-
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 STATS_FORMAT = "hcvision-feature-stats-v1"
+# Auxiliary feature sets a statistics file may hold next to the main one, stored under "<name>__<field>" keys.
+AUX_STATS = ("spatial", "dinov2")
 
 
-def _atomic_replace(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def open_npz(path: PathLike, what: str = "file") -> Any:
+    """``np.load(path, allow_pickle=False)`` with a one-line :class:`UsageError` for a missing or non-npz file."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {str(path)!r} does not exist") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise UsageError(f"{what} {str(path)!r} is not a readable .npz file ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200] if str(err) else ''}); accepted: an ADM-style sample batch "
+                         "or hcvision statistics") from None
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers never see a half-written file."""
-    _atomic_replace(Path(path), lambda f: f.write(data))
+def _save_npz(path: Path, arrays: Dict[str, np.ndarray]) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)
 
 
 def to_nhwc_uint8(images: np.ndarray, what: str = "images") -> np.ndarray:
@@ -73,16 +73,17 @@ def to_nhwc_uint8(images: np.ndarray, what: str = "images") -> np.ndarray:
     """
     images = np.asarray(images)
     if images.dtype != np.uint8:
-        raise ValueError(f"{what}: expected dtype uint8 (values 0..255), got {images.dtype}")
+        raise UsageError(f"{what}: expected dtype uint8 (values 0..255), got {images.dtype}; convert with "
+                         "np.clip(x, 0, 255).round().astype(np.uint8)")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(
+        raise UsageError(
             f"{what}: expected shape (N, H, W) or (N, H, W, C) with C in (1, 3) (NHWC, as in ADM's .npz), "
             f"got {tuple(images.shape)}"
         )
     if images.shape[0] == 0:
-        raise ValueError(f"{what}: the image set is empty")
+        raise UsageError(f"{what}: the image set is empty; accepted: at least one image")
     return np.ascontiguousarray(images)
 
 
@@ -90,33 +91,33 @@ def save_npz_samples(path: PathLike, images: np.ndarray, labels: Optional[np.nda
     """Write an ADM-style sample batch: ``arr_0`` uint8 NHWC images (+ ``arr_1`` int64 labels)."""
     path = Path(path)
     if path.suffix != ".npz":
-        raise ValueError(f"sample batch path must end with .npz, got {str(path)!r}")
+        raise UsageError(f"sample batch path must end with .npz, got {str(path)!r}")
     images = to_nhwc_uint8(images)
     arrays = {"arr_0": images}
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(
+            raise UsageError(
                 f"labels: expected an integer array of shape ({images.shape[0]},), "
                 f"got dtype {labels.dtype} shape {tuple(labels.shape)}"
             )
         arrays["arr_1"] = labels.astype(np.int64)
-    _atomic_replace(path, lambda f: np.savez(f, **arrays))
-    return path
+    return _save_npz(path, arrays)
 
 
 def load_npz_samples(path: PathLike) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Read an ADM-style sample batch; returns (uint8 NHWC images, labels or None)."""
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path, "sample batch") as data:
         if "arr_0" not in data.files:
-            raise ValueError(
+            raise UsageError(
                 f"{str(path)!r} is not an ADM-style sample batch: it has keys {sorted(data.files)}, "
                 "expected 'arr_0' (uint8 NHWC images) and optionally 'arr_1' (labels)"
             )
         images = to_nhwc_uint8(data["arr_0"], what=f"{path}:arr_0")
         labels = data["arr_1"] if "arr_1" in data.files else None
-    if labels is not None and labels.shape != (images.shape[0],):
-        raise ValueError(f"{path}:arr_1 has shape {labels.shape}, expected ({images.shape[0]},) labels")
+    if labels is not None and (labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer)):
+        raise UsageError(f"{path}:arr_1 has dtype {labels.dtype} shape {labels.shape}; accepted: "
+                         f"({images.shape[0]},) integer labels, one per image in arr_0")
     return images, labels
 
 
@@ -124,10 +125,33 @@ def list_image_files(folder: PathLike) -> list[Path]:
     """Image files directly inside ``folder`` (not recursive), in sorted name order."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{str(folder)!r} is not a directory")
+        raise UsageError(f"{str(folder)!r} is not a directory")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise ValueError(f"no images with extensions {IMAGE_EXTENSIONS} found in {str(folder)!r}")
+        raise UsageError(f"no images with extensions {IMAGE_EXTENSIONS} found in {str(folder)!r}")
+    return files
+
+
+def check_image_folder(folder: PathLike) -> list[Path]:
+    """The folder's image files, after checking that each opens and that all share one size (headers only, so no
+    pixels are decoded): a batch of mixed sizes cannot be stacked."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = list_image_files(folder)
+    first: Optional[tuple[Path, tuple[int, int]]] = None
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                size = im.size
+        except (OSError, UnidentifiedImageError) as err:
+            raise UsageError(f"image {str(f)!r} cannot be read ({type(err).__name__}); accepted: PNG or JPEG files"
+                             ) from None
+        if first is None:
+            first = (f, size)
+        elif size != first[1]:
+            raise UsageError(f"images in {str(folder)!r} have different sizes: {first[0].name} is "
+                             f"{first[1][0]}x{first[1][1]}, {f.name} is {size[0]}x{size[1]}; accepted: one size "
+                             "for all images (resize them first)")
     return files
 
 
@@ -136,12 +160,9 @@ def load_image_folder(folder: PathLike) -> np.ndarray:
     from PIL import Image
 
     arrays = []
-    for f in list_image_files(folder):
+    for f in check_image_folder(folder):
         with Image.open(f) as im:
             arrays.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"images in {str(folder)!r} have different sizes {sorted(shapes)}; resize them first")
     return np.stack(arrays)
 
 
@@ -157,6 +178,8 @@ class FeatureStats:
         num_samples: number of images the statistics were computed from.
         features: per-sample features (N, D) or None (then precision/recall/KID are unavailable).
         logits: per-sample classifier logits (N, K) or None (then IS is unavailable).
+        spatial: statistics of Inception's ``mixed_6/conv`` spatial features (sFID), or None.
+        dinov2: statistics of DINOv2 features (FD-DINOv2), or None.
     """
 
     mu: np.ndarray
@@ -166,6 +189,8 @@ class FeatureStats:
     num_samples: int
     features: Optional[np.ndarray] = None
     logits: Optional[np.ndarray] = None
+    spatial: Optional["FeatureStats"] = field(default=None, repr=False)
+    dinov2: Optional["FeatureStats"] = field(default=None, repr=False)
 
 
 def is_stats_file(path: PathLike) -> bool:
@@ -173,57 +198,75 @@ def is_stats_file(path: PathLike) -> bool:
     path = Path(path)
     if not (path.is_file() and path.suffix == ".npz"):
         return False
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path) as data:
         return "mu" in data.files and "sigma" in data.files and "arr_0" not in data.files
 
 
-def save_stats(path: PathLike, stats: FeatureStats) -> Path:
-    """Write ``stats`` atomically to an ``.npz`` (strings as unicode scalars so no pickle is needed)."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise ValueError(f"statistics path must end with .npz, got {str(path)!r}")
+def _stats_arrays(stats: FeatureStats, prefix: str = "") -> Dict[str, np.ndarray]:
     arrays = {
-        "format": np.array(STATS_FORMAT),
-        "mu": np.asarray(stats.mu, dtype=np.float64),
-        "sigma": np.asarray(stats.sigma, dtype=np.float64),
-        "feature_extractor": np.array(stats.feature_extractor),
-        "weights_sha256": np.array(stats.weights_sha256),
-        "num_samples": np.array(stats.num_samples, dtype=np.int64),
+        f"{prefix}mu": np.asarray(stats.mu, dtype=np.float64),
+        f"{prefix}sigma": np.asarray(stats.sigma, dtype=np.float64),
+        f"{prefix}feature_extractor": np.array(stats.feature_extractor),
+        f"{prefix}weights_sha256": np.array(stats.weights_sha256),
+        f"{prefix}num_samples": np.array(stats.num_samples, dtype=np.int64),
     }
     if stats.features is not None:
-        arrays["features"] = np.asarray(stats.features, dtype=np.float32)
+        arrays[f"{prefix}features"] = np.asarray(stats.features, dtype=np.float32)
     if stats.logits is not None:
-        arrays["logits"] = np.asarray(stats.logits, dtype=np.float32)
-    _atomic_replace(path, lambda f: np.savez(f, **arrays))
-    return path
+        arrays[f"{prefix}logits"] = np.asarray(stats.logits, dtype=np.float32)
+    return arrays
+
+
+def save_stats(path: PathLike, stats: FeatureStats) -> Path:
+    """Write ``stats`` (and its sFID / DINOv2 statistics, if any) atomically to an ``.npz``; strings are stored as
+    unicode scalars so no pickle is needed."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise UsageError(f"statistics path must end with .npz, got {str(path)!r}")
+    arrays = {"format": np.array(STATS_FORMAT), **_stats_arrays(stats)}
+    for name in AUX_STATS:
+        aux = getattr(stats, name)
+        if aux is not None:
+            arrays.update(_stats_arrays(aux, f"{name}__"))
+    return _save_npz(path, arrays)
+
+
+def _read_stats(data: Any, path: PathLike, prefix: str = "") -> FeatureStats:
+    get = lambda key: data[f"{prefix}{key}"] if f"{prefix}{key}" in data.files else None  # noqa: E731
+    where = f"{str(path)!r}" + (f" ({prefix[:-2]} statistics)" if prefix else "")
+    missing = [k for k in ("mu", "sigma", "feature_extractor", "weights_sha256", "num_samples") if get(k) is None]
+    if missing:
+        raise UsageError(f"{where} lacks {', '.join(missing)}; write statistics with hcvision.eval.save_reference_stats")
+    stats = FeatureStats(
+        mu=get("mu").astype(np.float64),
+        sigma=get("sigma").astype(np.float64),
+        feature_extractor=str(get("feature_extractor")),
+        weights_sha256=str(get("weights_sha256")),
+        num_samples=int(get("num_samples")),
+        features=get("features"),
+        logits=get("logits"),
+    )
+    d = stats.mu.shape[0] if stats.mu.ndim == 1 else -1
+    if d < 0 or stats.sigma.shape != (d, d):
+        raise UsageError(f"{where}: inconsistent shapes mu {stats.mu.shape}, sigma {stats.sigma.shape}")
+    if stats.features is not None and stats.features.shape != (stats.num_samples, d):
+        raise UsageError(f"{where}: features have shape {stats.features.shape}, expected ({stats.num_samples}, {d})")
+    if stats.logits is not None and (stats.logits.ndim != 2 or stats.logits.shape[0] != stats.num_samples):
+        raise UsageError(f"{where}: logits have shape {stats.logits.shape}, expected ({stats.num_samples}, classes)")
+    return stats
 
 
 def load_stats(path: PathLike) -> FeatureStats:
     """Read statistics written by :func:`save_stats` (validates format and shapes)."""
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path, "statistics file") as data:
         fmt = str(data["format"]) if "format" in data.files else None
         if fmt != STATS_FORMAT:
-            raise ValueError(
+            raise UsageError(
                 f"{str(path)!r} is not an hcvision statistics file (format={fmt!r}, expected {STATS_FORMAT!r}); "
                 "write one with hcvision.eval.save_reference_stats"
             )
-        mu, sigma = data["mu"], data["sigma"]
-        features = data["features"] if "features" in data.files else None
-        logits = data["logits"] if "logits" in data.files else None
-        stats = FeatureStats(
-            mu=mu.astype(np.float64),
-            sigma=sigma.astype(np.float64),
-            feature_extractor=str(data["feature_extractor"]),
-            weights_sha256=str(data["weights_sha256"]),
-            num_samples=int(data["num_samples"]),
-            features=features,
-            logits=logits,
-        )
-    d = stats.mu.shape[0] if stats.mu.ndim == 1 else -1
-    if d < 0 or stats.sigma.shape != (d, d):
-        raise ValueError(f"{str(path)!r}: inconsistent shapes mu {stats.mu.shape}, sigma {stats.sigma.shape}")
-    if stats.features is not None and stats.features.shape != (stats.num_samples, d):
-        raise ValueError(
-            f"{str(path)!r}: features have shape {stats.features.shape}, expected ({stats.num_samples}, {d})"
-        )
+        stats = _read_stats(data, path)
+        for name in AUX_STATS:
+            if f"{name}__mu" in data.files:
+                setattr(stats, name, _read_stats(data, path, f"{name}__"))
     return stats

@@ -13,13 +13,14 @@ Only three things change:
 
 Upcycling: a vanilla timm ViT checkpoint of the same size loads into every variant; the missing connection parameters
 take their init (HC Eq. 14, FC Eq. 15, our mHC init), which is exactly the Pre-Norm network, so the logits match.
+With another ``num_classes`` (a fresh head) or ``in_chans`` (timm's first-conv adaptation) the pre-logit features
+match; see :mod:`hcvision.models.convert`.
 
 Names: ``vit_{tiny,small,base,large,huge}_patch16_224_{res,shc2,shc4,dhc2,...,mhc4}`` and a small family for the
 embedded digits data set, ``vit_digits_patch2_8_*`` (8x8 grayscale, 10 classes).
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -28,13 +29,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
-from timm.models.vision_transformer import checkpoint_filter_fn as timm_vit_filter_fn
-from torch import nn
 
-from ..connections import FRAC_KINDS, build_connection, check_kind, check_rate, expand_streams, reduce_streams
-from ..connections import static_connection_parameters
-from ._convert import check_fits, complete_connections, split_connection_state
-from ._registry import KIND_TITLES, register_variants, variant_cfgs
+from ..connections import expand_streams, reduce_streams
+from ._common import block_connections, connection_arguments, scale_out_projections, static_parameter_names
+from ._common import variant_title
+from ._registry import register_variants, variant_cfgs
+from .convert import vit_checkpoint_filter_fn as checkpoint_filter_fn
 
 __all__ = ["HCBlock", "HCVisionTransformer", "checkpoint_filter_fn", "VIT_SIZES", "VIT_MODEL_NAMES"]
 
@@ -50,13 +50,11 @@ class HCBlock(Block):
         connection: str = "residual",
         rate: int = 1,
         connection_options: Optional[Dict[str, Any]] = None,
-        depth: int = 0,
+        layer_index: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(dim, num_heads, depth=depth, **kwargs)
-        options = connection_options or {}
-        self.attn_conn = build_connection(connection, dim, rate, 2 * depth, **options)
-        self.mlp_conn = build_connection(connection, dim, rate, 2 * depth + 1, **options)
+        super().__init__(dim, num_heads, depth=layer_index, **kwargs)  # timm's Block calls the block index `depth`
+        self.attn_conn, self.mlp_conn = block_connections(connection, dim, rate, layer_index, connection_options or {})
 
     def attn_branch(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         return self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
@@ -67,6 +65,11 @@ class HCBlock(Block):
     def forward(self, H: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         H = self.attn_conn(H, self.attn_branch, attn_mask, is_causal)
         return self.mlp_conn(H, self.mlp_branch)
+
+
+def _hc_block(*args: Any, depth: int = 0, **kwargs: Any) -> HCBlock:
+    """timm's ``VisionTransformer`` passes the block index as ``depth=i``; hcvision calls it ``layer_index``."""
+    return HCBlock(*args, layer_index=depth, **kwargs)
 
 
 class HCVisionTransformer(VisionTransformer):
@@ -92,27 +95,20 @@ class HCVisionTransformer(VisionTransformer):
         block_fn: Any = None,
         **kwargs: Any,
     ) -> None:
-        connection = check_kind(connection)
-        options = dict(connection_options or {})
-        if tanh is not None:
-            options["tanh"] = bool(tanh)
-        check_rate(connection, rate, kwargs.get("embed_dim", 768))
-        self.connection, self.rate = connection, rate
-        block_fn = partial(HCBlock, connection=connection, rate=rate, connection_options=options)
-        super().__init__(*args, block_fn=block_fn, **kwargs)
+        connection, options = connection_arguments(connection, rate, kwargs.get("embed_dim", 768), tanh,
+                                                   connection_options)
+        self.connection, self.rate, self.connection_options = connection, rate, options
+        super().__init__(*args, block_fn=partial(_hc_block, connection=connection, rate=rate,
+                                                 connection_options=options), **kwargs)
         self.scale_out_proj = scale_out_proj
-        if scale_out_proj and connection not in FRAC_KINDS and rate > 1:
-            with torch.no_grad():
-                for blk in self.blocks:
-                    blk.attn.proj.weight.div_(math.sqrt(rate))
-                    blk.mlp.fc2.weight.div_(math.sqrt(rate))
+        if scale_out_proj:
+            scale_out_projections(self.blocks, connection, rate)
 
     # --- timm API -----------------------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """timm's set plus every static connection parameter (HC paper, Sec. 4)."""
-        static = {id(p) for p in static_connection_parameters(self)}
-        return set(super().no_weight_decay()) | {n for n, p in self.named_parameters() if id(p) in static}
+        return set(super().no_weight_decay()) | static_parameter_names(self)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
@@ -202,30 +198,6 @@ class HCVisionTransformer(VisionTransformer):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoint conversion
-# ---------------------------------------------------------------------------------------------------------------
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: HCVisionTransformer) -> Dict[str, torch.Tensor]:
-    """Load an hcvision checkpoint, or upcycle a vanilla timm ViT checkpoint of the same size.
-
-    A checkpoint without connection parameters gets the model's own init for them (Pre-Norm equivalent). Any other
-    disagreement (another size, another family, another connection kind) raises ``ValueError`` naming the tensors.
-    """
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    body, connection_part = split_connection_state(state_dict)
-    # timm's own conversions (pos-embed resampling, patch-embed layouts) apply to the vanilla part.
-    body = timm_vit_filter_fn(body, model)
-    target = model.state_dict()
-    merged = complete_connections(body, connection_part, target)
-    check_fits(merged, target,
-               what=f"{model.connection} x{model.rate} ViT (embed_dim={model.embed_dim}, depth={len(model.blocks)})",
-               accepted="a timm ViT or an hcvision ViT of the same size and patch size")
-    return merged
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Registry: sizes x connection kinds x rates
 # ---------------------------------------------------------------------------------------------------------------
 VIT_SIZES: Dict[str, Dict[str, Any]] = {
@@ -259,8 +231,7 @@ def _size_cfg(size: str) -> Dict[str, Any]:
 
 def _describe(size: str, kind: str, rate: int) -> str:
     args = VIT_SIZES[size]
-    what = KIND_TITLES[kind] + ("" if kind == "residual" else f" ({'m' if kind in FRAC_KINDS else 'n'}={rate})")
-    return (f"ViT ({args['embed_dim']}-d, depth {args['depth']}, patch {args['patch_size']}) with {what}.")
+    return f"ViT ({args['embed_dim']}-d, depth {args['depth']}, patch {args['patch_size']}) with {variant_title(kind, rate)}."
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> HCVisionTransformer:

@@ -1,4 +1,4 @@
-"""CPU loops for the width mix (HC Eqs. 3-4) and its backward, compiled on first use; ``bmm`` is the fallback.
+"""Opt-in compiled CPU loops for the width mix (HC Eqs. 3-4), its backward and the HC depth backward.
 
 Why: per token the mix is a ``(k + n) x n`` by ``n x c`` product with n = 2-4. MKL's batched GEMM runs such 4-long
 inner products at well under half of copy speed (``benchmarks/bench_floor.py``, in copies of the n = 4 streams: about
@@ -7,19 +7,25 @@ step's two). These loops read each operand once per token while it sits in L1: f
 backward one pass over H and the two incoming gradients, unstacked, that writes grad H and the per-token grad of the mix
 together (3.6), and one pass over the depth step's incoming gradient for ``grad y`` and ``grad B`` (0.9).
 
-Built with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja; cached under
-``TORCH_EXTENSIONS_DIR``). If the build fails, with ``HCV_CPU_KERNELS=0`` (or false / no / off), or inside
-``torch.compile`` (which traces the ``bmm`` path and generates its own code), every caller uses ``bmm``;
-tests/test_connections_fast.py checks both against the plain path.
+Off by default: the default CPU path (``bmm``) needs no compiler and no build. ``HCV_CPU_KERNELS=build`` (or ``1`` /
+``on``) opts in: the loops are built with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja, ~30 s
+once) under a name and directory whose key hashes the source, the flags, the torch version and the CPU model and flags
+(``-march=native`` code never meets another CPU, and two environments never rebuild one name in turn). The cache is
+``HCV_CPU_KERNELS_DIR``, else ``TORCH_EXTENSIONS_DIR``, else ``~/.cache/hcvision/cpu_loops``. If the build fails, or
+inside ``torch.compile`` (which generates its own loops), every caller uses ``bmm``; tests/test_connections_fast.py
+checks both against the reference path.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import warnings
 
 import torch
 
-__all__ = ["available", "mix_forward", "mix_backward", "depth_backward"]
+__all__ = ["enabled", "available", "cache_key", "cache_dir", "reset", "mix_forward", "mix_backward",
+           "depth_backward"]
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -176,26 +182,65 @@ void mix_backward(torch::Tensor H, torch::Tensor mix, torch::Tensor g_in, torch:
 
 _module = None
 _failed = False
+_FLAGS = ("-O3", "-march=native", "-fopenmp-simd")
+_OPT_IN = ("build", "1", "on", "true", "yes")
+
+
+def enabled() -> bool:
+    """Whether ``HCV_CPU_KERNELS`` opts in to building the loops."""
+    return os.environ.get("HCV_CPU_KERNELS", "").strip().lower() in _OPT_IN
+
+
+def _cpu_model() -> str:
+    """Model name and feature flags of this CPU (part of the cache key: ``-march=native`` code is CPU-specific)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            info = fh.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = [line.split(":", 1)[1].strip() for line in info.splitlines()
+              if line.split(":", 1)[0].strip() in ("model name", "flags", "Features", "CPU part")]
+    return "|".join(sorted(set(fields))) or platform.machine()
+
+
+def cache_key() -> str:
+    """Hash of the source, flags, torch version and CPU: the build name and directory."""
+    text = "\n".join([_SOURCE, " ".join(_FLAGS), torch.__version__, _cpu_model()])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_dir() -> str:
+    root = (os.environ.get("HCV_CPU_KERNELS_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
+            or os.path.join(os.path.expanduser("~"), ".cache", "hcvision", "cpu_loops"))
+    return os.path.join(root, f"hcvision_cpu_loops_{cache_key()}")
 
 
 def _load():
     global _module, _failed
     if _module is not None or _failed:
         return _module
-    if os.environ.get("HCV_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not enabled():
         _failed = True
         return None
     try:
         from torch.utils.cpp_extension import load_inline
 
+        build = cache_dir()
+        os.makedirs(build, exist_ok=True)
         _module = load_inline(
-            "hcvision_mix_kernels_v2", cpp_sources=_SOURCE, functions=["mix_forward", "mix_backward", "depth_backward"],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False,
+            os.path.basename(build), cpp_sources=_SOURCE, functions=["mix_forward", "mix_backward", "depth_backward"],
+            extra_cflags=list(_FLAGS), build_directory=build, verbose=False,
         )
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, ...: the bmm path is complete on its own
         _failed = True
-        warnings.warn(f"hcvision: CPU mix kernels unavailable ({type(err).__name__}: {err}); using bmm", stacklevel=3)
+        warnings.warn(f"hcvision: CPU loops unavailable ({type(err).__name__}: {err}); using bmm", stacklevel=3)
     return _module
+
+
+def reset() -> None:
+    """Forget the loaded (or failed) state, so that the next call reads ``HCV_CPU_KERNELS`` again (tests)."""
+    global _module, _failed
+    _module, _failed = None, False
 
 
 def available(H: torch.Tensor, mix: torch.Tensor) -> bool:

@@ -1,0 +1,170 @@
+"""REPA: representation alignment of a DiT's hidden tokens with a frozen vision encoder (Yu et al. 2025, arXiv:2410.06940).
+
+REPA adds ``lambda * L_REPA`` to the diffusion loss (Eq. 8), with (Eq. 7)::
+
+    L_REPA = -E[ 1/N sum_n cos( y*_n, h_phi(h_t^[n]) ) ]
+
+``y* = f(x_0)`` are the patch features of a frozen self-supervised encoder (DINOv2) on the clean image, ``h_t`` the
+DiT's tokens after block ``block`` for the noisy input, and ``h_phi`` a trainable MLP projector (3 linear layers with
+SiLU, hidden 2048). REPA's defaults: ``lambda = 0.5``, the tokens after block 8 of SiT-XL/2's 28 (``--encoder-depth
+8``), DINOv2-B.
+
+For hyper-connection DiTs the tokens after a block are ``n`` streams ``(B, T, n, c)``; the aligned feature is that
+block's read-out of the streams, :func:`hcvision.connections.reduce_streams` (the sum of the streams for HC kinds, the
+concatenated fractions for FC kinds, the one stream for the residual baseline), i.e. exactly what the final layer
+would see if the network stopped there. The tokens are taken with a forward hook on ``model.blocks[block - 1]``, so
+the model class needs no change.
+
+:class:`REPA` wraps the DiT: ``forward(x, t, y)`` is the DiT's, and keeps the projected tokens for
+:meth:`REPA.alignment_loss`. The projector is a submodule (it trains, it is in the wrapper's ``state_dict`` and in a
+training checkpoint); the encoder is held outside the module tree: it never trains, never enters any ``state_dict``
+and is never moved by ``.to()`` (it follows the images' device). Final weights are the DiT's alone
+(``repa.model.state_dict()``).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cli import UsageError
+from ..connections import reduce_streams
+
+__all__ = ["REPA", "RepaProjector", "DEFAULT_ENCODER", "load_repa_encoder", "base_model", "alignment_loss"]
+
+DEFAULT_ENCODER = "vit_base_patch14_dinov2"  # REPA's best encoder, DINOv2-B/14 (timm name)
+
+
+class RepaProjector(nn.Sequential):
+    """REPA's projector ``h_phi``: Linear(C, hidden), SiLU, Linear(hidden, hidden), SiLU, Linear(hidden, D)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048) -> None:
+        super().__init__(nn.Linear(in_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim), nn.SiLU(),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+def alignment_loss(projected: Tensor, target: Tensor) -> Tensor:
+    """Per-sample ``-1/N sum_n cos(projected_n, target_n)`` (REPA Eq. 7) for ``(B, N, D)`` tokens."""
+    if projected.shape != target.shape:
+        raise ValueError(f"projected tokens {tuple(projected.shape)} and encoder features {tuple(target.shape)} "
+                         "must have the same shape (B, N, D)")
+    return -F.cosine_similarity(projected, target, dim=-1).mean(dim=-1)
+
+
+def _encoder_patch_size(encoder: nn.Module) -> Tuple[int, int]:
+    patch = getattr(getattr(encoder, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        raise ValueError("the REPA encoder must be a timm ViT (with patch_embed.patch_size and forward_features)")
+    return (patch, patch) if isinstance(patch, int) else tuple(patch)
+
+
+class REPA(nn.Module):
+    """A DiT plus REPA's projector, aligning the tokens after ``block`` blocks with ``encoder``'s patch features.
+
+    Args:
+        model: the DiT (needs ``blocks``, ``embed_dim``, ``connection``, ``grid_size``).
+        encoder: a frozen timm ViT (DINOv2 from :func:`load_repa_encoder`, or a stand-in); its patch grid at the
+            input resolution chosen here must equal the DiT's token grid (REPA: 224 px DINOv2 for 256 px images).
+        block: align the output of blocks ``1..block`` (1-based, REPA's ``--encoder-depth``; default 8).
+        weight: ``lambda`` of the total loss ``L_diffusion + lambda * L_REPA`` (default 0.5).
+        projector_dim: hidden width of the projector (REPA: 2048).
+    """
+
+    def __init__(self, model: nn.Module, encoder: nn.Module, block: int = 8, weight: float = 0.5,
+                 projector_dim: int = 2048) -> None:
+        super().__init__()
+        depth = len(model.blocks)
+        if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= depth:
+            raise ValueError(f"repa_block={block!r} is not valid; expected an int in [1, {depth}] (the model has "
+                             f"{depth} blocks; REPA uses 8 of 28)")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"repa_weight={weight!r} is not valid; expected a number >= 0 (REPA: 0.5)")
+        self.model = model
+        self.block, self.weight = block, float(weight)
+        encoder.eval().requires_grad_(False)
+        object.__setattr__(self, "encoder", encoder)  # not registered: no parameters, no state_dict, no .to()
+        pe = _encoder_patch_size(encoder)
+        self.encoder_input_size = tuple(g * p for g, p in zip(model.grid_size, pe))
+        self.projector = RepaProjector(model.embed_dim, int(encoder.embed_dim), projector_dim)
+        self._projected: Optional[Tensor] = None
+        self._hook = model.blocks[block - 1].register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        tokens = output if output.ndim == 3 else reduce_streams(output, self.model.connection)  # (B, T, C)
+        self._projected = self.projector(tokens)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """The DiT's no-decay names under this wrapper's ``model.`` prefix (timm's optimizer factory reads this from
+        the module it is given: without it, the static connection parameters would be decayed under REPA)."""
+        inner = getattr(self.model, "no_weight_decay", None)
+        return {f"model.{n}" for n in (inner() if inner is not None else ())}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """The DiT's forward; the projected tokens of this call are kept for :meth:`alignment_loss`."""
+        self._projected = None
+        return self.model(*args, **kwargs)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Frozen patch features ``(B, N, D)`` of images in [-1, 1] ``(B, 1 or 3, H, W)``: resized (bicubic) to the
+        encoder's input size, grey replicated to RGB, normalised with the encoder's mean/std (REPA's preprocessing)."""
+        enc = self.encoder
+        param = next(enc.parameters(), None)
+        if param is not None and param.device != images.device:
+            enc.to(images.device)
+        x = (images.float() + 1.0) / 2.0
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if tuple(x.shape[-2:]) != self.encoder_input_size:
+            x = F.interpolate(x, size=self.encoder_input_size, mode="bicubic", align_corners=False)
+        cfg = getattr(enc, "pretrained_cfg", None) or {}
+        mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=x.device).reshape(1, -1, 1, 1)
+        std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), device=x.device).reshape(1, -1, 1, 1)
+        feats = enc.forward_features((x - mean) / std)
+        return feats[:, getattr(enc, "num_prefix_tokens", 0):]
+
+    def alignment_loss(self, images: Optional[Tensor] = None, features: Optional[Tensor] = None) -> Tensor:
+        """Per-sample ``L_REPA`` for the last forward call: images (clean, [-1, 1]) or precomputed features."""
+        if self._projected is None:
+            raise RuntimeError("alignment_loss needs a forward call first (the tokens are taken during forward)")
+        if features is None:
+            if images is None:
+                raise ValueError("alignment_loss needs the clean images or their encoder features")
+            features = self.encode(images)
+        return alignment_loss(self._projected, features.to(self._projected.dtype))
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The DiT inside a :class:`REPA` wrapper (the model itself otherwise): what final weights and sampling use."""
+    return model.model if isinstance(model, REPA) else model
+
+
+def load_repa_encoder(path: str, model_name: str = DEFAULT_ENCODER, img_size: int = 224,
+                      **model_kwargs: Any) -> nn.Module:
+    """A frozen timm encoder (DINOv2 by default) from a local weights file, in eval mode, without downloads.
+
+    ``timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=path), img_size=img_size,
+    num_classes=0, **model_kwargs)``; timm resamples the position embedding to ``img_size``. Errors are
+    :class:`UsageError` naming the ``repa_encoder`` option.
+    """
+    import timm
+
+    if not path:
+        raise UsageError(f"repa_encoder is empty: REPA needs a local weights file of its frozen encoder "
+                         f"({model_name}, e.g. timm's {model_name}.lvd142m downloaded beforehand); hcvision never "
+                         "downloads weights. Set repa_encoder=PATH or repa_weight=0")
+    if not Path(path).is_file():
+        raise UsageError(f"repa_encoder={str(path)!r} does not exist; accepted: a local weights file of "
+                         f"{model_name} (.safetensors or .pth)")
+    try:
+        encoder = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                    img_size=img_size, num_classes=0, **model_kwargs)
+    except Exception as err:  # wrong architecture, truncated file, unknown name
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise UsageError(f"repa_encoder={str(path)!r} cannot be loaded as {model_name!r} ({first})") from None
+    return encoder.eval().requires_grad_(False)

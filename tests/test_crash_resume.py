@@ -1,0 +1,109 @@
+"""Crash consistency, tested the way databases test it: kill the trainer with SIGKILL at chosen points (between
+optimiser steps, inside a checkpoint write, inside the final atomic writes), resume with ``resume=auto``, and
+require that every resume starts from the last complete checkpoint and that the final weights equal those of an
+uninterrupted run bit for bit. The kills come from ``HCV_FAILPOINT`` (see :func:`hcvision.io.failpoint`) or from
+the test itself at an arbitrary moment.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hcvision.io import find_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+# 1437 training digits at global batch 128: 11 steps per epoch, 22 in all, a checkpoint every 3 steps.
+RUN = ["model=vit_digits_patch2_8_dhc2", "model_kwargs.embed_dim=32", "model_kwargs.depth=2", "epochs=2",
+       "global_batch_size=128", "warmup_steps=2", "checkpoint_every=3", "keep_checkpoints=2", "ema=true",
+       "ema_decay=0.9", "progress_bar=false", "tensorboard=false"]
+
+
+def _train(out: Path, failpoint: str = "", resume: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("HCV_FAILPOINT", None)
+    if failpoint:
+        env["HCV_FAILPOINT"] = failpoint
+    cmd = [sys.executable, str(REPO / "train_cls.py"), *RUN, f"output_dir={out}"] + (["resume=auto"] if resume else [])
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _weights(out: Path) -> dict:
+    return {name: load_file(str(out / name)) for name in ("model.safetensors", "model_ema.safetensors")}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), f"{name}:{k} differs from the uninterrupted run"
+
+
+def _resume_point(stdout: str) -> str:
+    m = re.search(r"resumed from (\S+) ", stdout)
+    return Path(m.group(1)).name if m else ""
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("crash") / "reference"
+    r = _train(out)
+    assert r.returncode == 0, r.stderr
+    return _weights(out)
+
+
+# Each scenario is a chain of kills; the run is resumed after each one and finally completes. The atomic writes of a
+# run from scratch are config.yaml (1), then ema.safetensors and train_state.json per checkpoint (9 checkpoints:
+# writes 2-19), then model.safetensors (20), model_ema.safetensors (21) and results.json (22).
+SCENARIOS = {
+    "between_steps": ["train.step:2", "train.step:5"],
+    "inside_checkpoint_writes": ["checkpoint.state_saved:2", "checkpoint.before_rename:1", "checkpoint.renamed:2"],
+    "inside_atomic_file_writes": ["write.before_rename:3", "write.before_rename:4"],
+    "during_final_outputs": ["write.before_rename:20", "write.before_rename:3"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_sigkill_then_resume_matches_uninterrupted_run(scenario, reference, tmp_path):
+    out, expected, kills = tmp_path / "run", None, 0
+    for i, point in enumerate(SCENARIOS[scenario] + [""]):
+        r = _train(out, failpoint=point, resume=i > 0)
+        if expected and "resumed from" in r.stdout:  # every resume starts from the last complete checkpoint
+            assert _resume_point(r.stdout) == expected
+        if r.returncode == 0:
+            break
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        kills += 1
+        complete = find_checkpoints(out)
+        for p in complete:  # a half-written checkpoint is never listed
+            assert (p / "train_state.json").is_file() and (p / "model.safetensors").is_file()
+        expected = complete[-1].name if complete else None
+    assert r.returncode == 0 and kills == len(SCENARIOS[scenario]), (kills, r.stderr)
+    _assert_same(reference, _weights(out))
+
+
+@pytest.mark.slow
+def test_kill_at_an_arbitrary_moment_then_resume(reference, tmp_path):
+    """A kill from outside, whenever the first checkpoint exists (between or inside steps and writes)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("HCV_FAILPOINT", None)
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_cls.py"), *RUN, f"output_dir={out}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not find_checkpoints(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = _train(out, resume=True)
+    assert r.returncode == 0, r.stderr
+    _assert_same(reference, _weights(out))

@@ -1,0 +1,203 @@
+"""Data at scale through timm (issue 14 item 4): WebDataset shards (``wds/``) and Hugging Face datasets (``hfds/``)
+built here from the digits, read by train_cls.py through timm's create_dataset; exact resume over shards; unreadable
+images; offline errors. Nothing downloads (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set)."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_cls
+from hcvision.cli import UsageError
+from hcvision.data.sources import ShardStream, hfds_dataset, make_loader, parse_data, wds_dataset
+
+TINY = ["model=vit_digits_patch2_8_res", "model_kwargs.embed_dim=32", "model_kwargs.depth=2", "progress_bar=false",
+        "tensorboard=false", "global_batch_size=32", "diagnostics=false"]
+N_TRAIN, N_VAL = 192, 64
+CORRUPT = b"\x89PNG\r\n\x1a\n not an image"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def digits_png(split: str, n: int) -> List[Tuple[bytes, int]]:
+    """The first ``n`` digits of a split as 8x8 grey PNG bytes with their labels."""
+    from sklearn.datasets import load_digits
+
+    from hcvision.data import digits_split_indices
+
+    d = load_digits()
+    idx = digits_split_indices()[0 if split == "train" else 1][:n]
+    out = []
+    for i in idx:
+        buf = io.BytesIO()
+        Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8), mode="L").save(buf, format="PNG")
+        out.append((buf.getvalue(), int(d.target[i])))
+    return out
+
+
+def write_shards(root: Path, samples: dict, per_shard: int = 64, info: bool = True) -> Path:
+    """WebDataset layout: ``{split}-{k:06d}.tar`` holding ``KEY.png`` + ``KEY.cls``; timm's ``_info.json``."""
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, items in samples.items():
+        names, lengths = [], []
+        for k, start in enumerate(range(0, len(items), per_shard)):
+            name = f"{split}-{k:06d}.tar"
+            with tarfile.open(root / name, "w") as tar:
+                for j, (png, label) in enumerate(items[start:start + per_shard]):
+                    for ext, data in (("png", png), ("cls", str(label).encode())):
+                        member = tarfile.TarInfo(f"{split}_{start + j:06d}.{ext}")
+                        member.size = len(data)
+                        tar.addfile(member, io.BytesIO(data))
+            names.append(name)
+            lengths.append(len(items[start:start + per_shard]))
+        splits[split] = {"name": split, "num_samples": len(items), "filenames": names, "shard_lengths": lengths}
+    if info:
+        (root / "_info.json").write_text(json.dumps({"name": "digits", "num_classes": 10, "splits": splits}))
+    return root
+
+
+def write_hf_dataset(root: Path, samples: dict) -> Path:
+    """The Hub's parquet layout (``data/{split}-00000-of-00001.parquet``), with a ClassLabel label column."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    for split, items in samples.items():
+        ds = datasets.Dataset.from_dict({"image": [{"bytes": png, "path": None} for png, _ in items],
+                                         "label": [label for _, label in items]}, features=features)
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("wds") / "digits",
+                        {"train": digits_png("train", N_TRAIN), "validation": digits_png("val", N_VAL)})
+
+
+def _results(d: Path) -> dict:
+    return json.loads((d / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_wds_training_resumes_exactly(tmp_path, shards):
+    """Training over tar shards: the epoch length comes from _info.json; a run stopped mid-epoch 2 and resumed (which
+    re-reads and drops the epoch's first batches) ends with bit-identical weights."""
+    common = TINY + [f"data_dir=wds/{shards}", "epochs=2", "lr=2e-3", "warmup_steps=2"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert train_cls.main(common + [f"output_dir={full}"]) == 0
+    res = _results(full)
+    assert res["global_step"] == 2 * N_TRAIN // 32 and res["num_samples"] == N_VAL and res["data"] == f"wds/{shards}"
+    assert train_cls.main(common + [f"output_dir={split}", "max_steps=8"]) == 0  # epoch 2, batch 2 of 6
+    assert train_cls.main(common + [f"output_dir={split}", "resume=auto"]) == 0
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(split / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _results(split)["top1"] == res["top1"]
+
+
+def _labels(stream: ShardStream, epoch: int) -> List[int]:
+    stream.set_epoch(epoch)
+    return [int(y) for _, y in stream]
+
+
+def test_shard_stream_is_a_function_of_seed_and_epoch(shards):
+    """The same epoch gives the same order again (a resumed process), another epoch another order; every sample of
+    the split is in an epoch (no wrap-around at a multiple of the batch), and random transforms are seeded."""
+    import torchvision.transforms.v2 as T
+
+    source = parse_data(f"wds/{shards}")
+    stream, classes = wds_dataset(source, "train", T.Compose([T.PILToTensor(), T.RandomHorizontalFlip()]),
+                                  training=True, seed=5, mode="L")
+    stream.configure(batch_size=32, num_workers=0)
+    assert classes == 10 and len(stream) == N_TRAIN
+    e0, e1, e0_again = _labels(stream, 0), _labels(stream, 1), _labels(stream, 0)
+    assert e0 == e0_again and e0 != e1
+    assert sorted(e0) == sorted(label for _, label in digits_png("train", N_TRAIN))
+    stream.set_epoch(3)
+    first = torch.stack([x for x, _ in stream])
+    stream.set_epoch(3)
+    torch.manual_seed(123)  # the global RNG does not matter
+    assert torch.equal(first, torch.stack([x for x, _ in stream]))
+
+
+def test_wds_corrupt_sample_is_dropped_and_sizes_are_required(tmp_path):
+    samples = digits_png("val", 10)
+    samples[3] = (CORRUPT, samples[3][1])
+    root = write_shards(tmp_path / "bad", {"train": samples, "validation": samples})
+    source = parse_data(f"wds/{root}")
+    val, _ = wds_dataset(source, "validation", None, training=False, mode="L")
+    assert len([y for _, y in val]) == 9  # timm's webdataset handler logs and drops the undecodable sample
+
+    bare = write_shards(tmp_path / "bare", {"train": samples}, info=False)
+    with pytest.raises(UsageError, match=r"no split 'train' \(no _info.json\)"):
+        wds_dataset(parse_data(f"wds/{bare}"), "train", None, training=True)
+    with pytest.raises(UsageError, match="train_num_samples=N"):
+        wds_dataset(parse_data(f"wds/{bare}"), "train-{000000..000000}.tar", None, training=True)
+    stream, classes = wds_dataset(parse_data(f"wds/{bare}"), "train-{000000..000000}.tar", None, training=True,
+                                  num_samples=10)
+    assert classes == 0 and len(stream) == 10
+    out = tmp_path / "run"
+    assert train_cls.main(TINY + [f"data_dir=wds/{bare}", f"output_dir={out}"]) == 2
+    assert train_cls.main(TINY + [f"data_dir=wds/{tmp_path}/nothing", f"output_dir={out}"]) == 2
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_hfds_local_copy_trains_and_counts_unreadable_images(tmp_path):
+    """A local Hugging Face dataset (parquet, the Hub layout) through timm's hfds reader: one epoch runs, the
+    unreadable image is skipped and counted, validation sees every image."""
+    train = digits_png("train", 64)
+    train[5] = (CORRUPT, train[5][1])
+    root = write_hf_dataset(tmp_path / "digits_hf", {"train": train, "validation": digits_png("val", 40)})
+    out = tmp_path / "run"
+    args = TINY + [f"data_dir=hfds/{root}", f"data_root={tmp_path / 'cache'}", f"output_dir={out}", "epochs=1"]
+    with pytest.warns(RuntimeWarning, match="skipping unreadable image 5"):
+        assert train_cls.main(args) == 0
+    res = _results(out)
+    assert res["skipped_train_images"] == 1 and res["num_samples"] == 40 and res["images_seen"] == 63
+    assert res["data"] == f"hfds/{root}"
+
+    # the loaded images are the written ones, in order, with their labels
+    ds = hfds_dataset(parse_data(f"hfds/{root}", str(tmp_path / "cache")), "validation", mode="L")
+    image, label = ds.load(7)
+    want_png, want_label = digits_png("val", 40)[7]
+    assert label == want_label and np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(want_png))))
+    assert ds.classes == [str(i) for i in range(10)]
+
+
+def test_hfds_offline_hub_id_and_bad_split_exit_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cls.main(TINY + ["data_dir=hfds/some-org/no-such-dataset", f"data_root={tmp_path / 'c'}",
+                                  f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "huggingface-cli download --repo-type dataset some-org/no-such-dataset" in err[0]
+    root = write_hf_dataset(tmp_path / "hf", {"train": digits_png("train", 8), "validation": digits_png("val", 8)})
+    assert train_cls.main(TINY + [f"data_dir=hfds/{root}", "val_split=test", f"data_root={tmp_path / 'c'}",
+                                  f"output_dir={out}"]) == 2
+    assert "split 'test' could not be opened" in capsys.readouterr().err
+    assert train_cls.main(TINY + ["data_dir=tfds/imagenet2012", f"output_dir={out}"]) == 2
+    assert not out.exists()
+
+
+def test_loader_for_map_and_stream_sources(shards):
+    stream, _ = wds_dataset(parse_data(f"wds/{shards}"), "train", None, training=True)
+    loader = make_loader(stream, 32, train=True)
+    assert len(loader) == N_TRAIN // 32 and loader.generator is stream.generator
+    assert make_loader(list(range(10)), 4, train=False).drop_last is False

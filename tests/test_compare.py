@@ -79,9 +79,10 @@ def test_describe_and_holm_against_hand_values():
 def test_read_curves_keeps_last_value_per_step(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"step": 2, "train/loss": 3.0}\n{"step": 4, "train/loss": 2.0}\n'
-                 '{"step": 4, "train/loss": 1.5, "top1": 50.0}\n{"step": 6, "train/lo')  # resumed, then cut
+                 '{"step": 4, "train/loss": 1.5, "top1": 50.0}\n{"step": 5, "val/top1": 60.0, "epoch": 1}\n'
+                 '{"step": 6, "train/lo')  # resumed, then cut
     c = read_curves(p)
-    assert c["train/loss"] == [(2, 3.0), (4, 1.5)] and c["top1"] == [(4, 50.0)]
+    assert c["train/loss"] == [(2, 3.0), (4, 1.5)] and c["top1"] == [(4, 50.0), (5, 60.0)] and "epoch" not in c
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,6 +119,10 @@ def test_grid_2x2_runs_skips_resumes_and_aggregates(tmp_path, capsys):
     assert "| `res` | 2 |" in md and "| `dhc2` − `res` | 2 |" in md
     assert f"python -m hcvision.compare {' '.join(args)}" in md  # names the command that regenerates it
     assert (out / "curves_train_loss.png").stat().st_size > 1000
+    # the trainer logs connection diagnostics for dhc2 (none for res); the report draws them
+    assert (out / "curves_conn_res_dist_mean.png").stat().st_size > 1000
+    assert summary["curves_data"]["dhc2"]["0"]["conn/res_dist_mean"] and "conn/res_dist_mean" not in \
+        summary["curves_data"]["res"]["0"]
 
     # Skip finished: nothing runs again, results untouched.
     stamp = {key: (d / "results.json").stat().st_mtime_ns for key, d in run_dirs.items()}

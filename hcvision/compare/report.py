@@ -40,6 +40,8 @@ METRICS: Dict[str, Tuple[str, bool]] = {
 PAIRED_SHOWN = ("top1", "fid", "cls_acc", "final_loss")
 #: validation metrics that metrics.jsonl logs during training (curves)
 CURVE_METRICS = ("top1", "fid", "cls_acc")
+#: connection diagnostics (hcvision.analysis.diagnostics) drawn when the trainer logged them
+CURVE_DIAGNOSTICS = ("conn/res_dist_mean", "conn/beta_std", "conn/composite_gain_fwd")
 # keys that differ between runs of one comparison without defining a variant
 _IGNORED_KEYS = {"seed", "output_dir", "resume", "progress_bar", "tensorboard", "model", "model_kwargs", "num_workers"}
 
@@ -92,6 +94,7 @@ def read_curves(path: Path) -> Dict[str, List[Tuple[int, float]]]:
         for k, v in rec.items():
             if k in ("step", "epoch") or isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
+            k = k[4:] if k.startswith("val/") else k  # the engine groups eval metrics as val/<name>
             series.setdefault(k, {})[step] = float(v)
     return {k: sorted(d.items()) for k, d in series.items()}
 
@@ -324,7 +327,7 @@ def plot_curves(runs: List[Run], report: Dict[str, Any], out: Path) -> List[Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["train/loss"] + [k for k in CURVE_METRICS if any(k in r.curves for r in runs)]
+    keys = ["train/loss"] + [k for k in (*CURVE_METRICS, *CURVE_DIAGNOSTICS) if any(k in r.curves for r in runs)]
     written: List[Path] = []
     styles = _styles(report["variants"], {r.variant: r.kind for r in runs}, plt)
     for key in keys:
@@ -421,7 +424,7 @@ def write_report(sources: Sequence[Path], out: Path, *, baseline: str = "res", p
     text = markdown(report, regenerate=regenerate, title=title)
     if unfinished:
         text += f"\n{len(unfinished)} run(s) not finished (left out): " + ", ".join(map(str, unfinished)) + "\n"
-    report["curves_data"] = {v: {r.seed: {k: r.curves.get(k) for k in ["train/loss", *CURVE_METRICS]
+    report["curves_data"] = {v: {r.seed: {k: r.curves.get(k) for k in ["train/loss", *CURVE_METRICS, *CURVE_DIAGNOSTICS]
                                           if k in r.curves} for r in runs if r.variant == v}
                              for v in report["variants"]}
     write_json(out / "summary.json", _json_safe(report))

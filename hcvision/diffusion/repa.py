@@ -148,11 +148,10 @@ def load_repa_encoder(path: str, model_name: str = DEFAULT_ENCODER, img_size: in
                       **model_kwargs: Any) -> nn.Module:
     """A frozen timm encoder (DINOv2 by default) from a local weights file, in eval mode, without downloads.
 
-    ``timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=path), img_size=img_size,
-    num_classes=0, **model_kwargs)``; timm resamples the position embedding to ``img_size``. Errors are
-    :class:`UsageError` naming the ``repa_encoder`` option.
+    Loaded by :func:`hcvision.eval.dinov2.load_dinov2` (the FD-DINOv2 loader: safe, finite, position embedding
+    resampled to ``img_size``). Errors are :class:`UsageError` naming the ``repa_encoder`` option.
     """
-    import timm
+    from ..eval.dinov2 import load_dinov2
 
     if not path:
         raise UsageError(f"repa_encoder is empty: REPA needs a local weights file of its frozen encoder "
@@ -162,9 +161,6 @@ def load_repa_encoder(path: str, model_name: str = DEFAULT_ENCODER, img_size: in
         raise UsageError(f"repa_encoder={str(path)!r} does not exist; accepted: a local weights file of "
                          f"{model_name} (.safetensors or .pth)")
     try:
-        encoder = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                                    img_size=img_size, num_classes=0, **model_kwargs)
-    except Exception as err:  # wrong architecture, truncated file, unknown name
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise UsageError(f"repa_encoder={str(path)!r} cannot be loaded as {model_name!r} ({first})") from None
-    return encoder.eval().requires_grad_(False)
+        return load_dinov2(path, model_name, model_kwargs, img_size=img_size, key="repa_encoder_model")[0]
+    except UsageError as err:
+        raise UsageError(f"repa_encoder={str(path)!r} cannot be loaded as {model_name!r} ({err})") from None

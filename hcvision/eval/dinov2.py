@@ -64,9 +64,11 @@ def resolve_dinov2_weights(path: Optional[PathLike]) -> Path:
     return Path(chosen)
 
 
-def load_dinov2(path: PathLike, model_name: Optional[str] = None,
-                model_kwargs: Optional[dict[str, Any]] = None) -> tuple[torch.nn.Module, str]:
-    """Build a DINOv2 ViT for 224 px inputs from a local weights file; returns (model in eval mode, sha256)."""
+def load_dinov2(path: PathLike, model_name: Optional[str] = None, model_kwargs: Optional[dict[str, Any]] = None, *,
+                img_size: int = DINOV2_INPUT_SIZE, key: str = "dinov2_model") -> tuple[torch.nn.Module, str]:
+    """A frozen DINOv2 ViT (or another timm ViT) for ``img_size`` inputs from a local weights file, without downloads;
+    returns (model in eval mode, sha256). Used for FD-DINOv2 and as REPA's encoder; ``key`` names the option in
+    errors. The file is read with :func:`hcvision.io.load_weights` (nothing unpickled) and must be finite."""
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -76,23 +78,22 @@ def load_dinov2(path: PathLike, model_name: Optional[str] = None,
     check_finite(state, source)
     recorded_name, recorded_kwargs = recorded_model(metadata, source)
     name = model_name or recorded_name or DEFAULT_DINOV2_MODEL
-    check_model_name(name.split(".")[0], "vit_", what="timm ViT for DINOv2 features", key="dinov2_model")
-    kwargs = {**(recorded_kwargs if model_kwargs is None else model_kwargs), "num_classes": 0,
-              "img_size": DINOV2_INPUT_SIZE}
+    check_model_name(name.split(".")[0], "vit_", what="timm ViT for DINOv2 features", key=key)
+    kwargs = {**(recorded_kwargs if model_kwargs is None else model_kwargs), "num_classes": 0, "img_size": img_size}
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError) as err:
         raise UsageError(f"cannot build {name!r} with {kwargs} for {source} ({err})") from None
     try:
         # converts the original DINOv2 layout (w12/w3, mask_token, register tokens) and resamples the position
-        # embedding to 16x16; antialias=False as in DINOv2's interpolate_pos_encoding
+        # embedding to the input grid; antialias=False as in DINOv2's interpolate_pos_encoding
         state = checkpoint_filter_fn(dict(state), model, interpolation="bicubic", antialias=False)
         state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the classifier is not used
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise UsageError(f"{source} does not fit {name!r} ({first}); pass dinov2_model=NAME (CLI --dinov2-model) "
-                         "naming the timm DINOv2 ViT the file was saved from") from None
+        raise UsageError(f"{source} does not fit {name!r} ({first}); pass {key}=NAME naming the timm ViT the file "
+                         "was saved from") from None
     model.eval().requires_grad_(False)
     return model, file_sha256(path)
 

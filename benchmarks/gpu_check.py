@@ -152,7 +152,7 @@ def _inputs(model: torch.nn.Module, kind: str, batch: int, device: torch.device)
         x = torch.randn(batch, model.patch_embed.proj.in_channels, *size, generator=g)
         return x.to(device), torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
     x = torch.randn(batch, model.in_chans, *model.input_size, generator=g)
-    t = torch.randint(0, model.num_timesteps, (batch,), generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)  # DiT trains on 1000 timesteps
     y = torch.randint(0, model.num_classes, (batch,), generator=g)
     return x.to(device), t.to(device), y.to(device)
 

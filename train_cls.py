@@ -84,10 +84,11 @@ class ClsConfig(BaseTrainConfig):
         require(0.0 <= self.reprob <= 1.0, "reprob", self.reprob, "a probability in [0, 1]")
         require(self.img_size >= 0, "img_size", self.img_size, "an integer >= 0 (0: default)")
         require(self.eval_batch_size >= 0, "eval_batch_size", self.eval_batch_size, "an integer >= 0 (0: default)")
-        require(self.train_num_samples >= 0, "train_num_samples", self.train_num_samples, "an integer >= 0 (0: _info.json)")
+        require(self.train_num_samples >= 0, "train_num_samples", self.train_num_samples,
+                "an integer >= 0 (0: from _info.json)")
         if self.eval_only and bool(self.checkpoint) == bool(self.pretrained):
-            raise ConfigError("eval_only=true needs one of checkpoint=PATH (a model.safetensors file or a run directory) "
-                              "or pretrained=SOURCE (the adapted start point of a fine-tuning run, step 0)")
+            raise ConfigError("eval_only=true needs one of checkpoint=PATH (a model.safetensors file or a run "
+                              "directory) or pretrained=SOURCE (the adapted start point of a fine-tuning run, step 0)")
         if self.checkpoint and not self.eval_only:
             raise ConfigError(f"checkpoint={self.checkpoint!r} is only used with eval_only=true; "
                               "to continue training use resume=auto or resume=DIR")

@@ -77,7 +77,8 @@ def write_hf_dataset(root: Path, samples: dict) -> Path:
     """The Hub's parquet layout (``data/{split}-00000-of-00001.parquet``), with a ClassLabel label column."""
     import datasets
 
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    labels = datasets.ClassLabel(names=[str(i) for i in range(10)])
+    features = datasets.Features({"image": datasets.Image(), "label": labels})
     for split, items in samples.items():
         ds = datasets.Dataset.from_dict({"image": [{"bytes": png, "path": None} for png, _ in items],
                                          "label": [label for _, label in items]}, features=features)

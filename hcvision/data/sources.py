@@ -29,7 +29,7 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -260,6 +260,3 @@ def make_loader(dataset: Any, batch_size: int, *, train: bool, num_workers: int 
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and not isinstance(dataset, IterableDataset),
                       drop_last=train, num_workers=num_workers, collate_fn=collate)
 
-
-def class_names(dataset: Any) -> List[str]:
-    return list(getattr(dataset, "classes", None) or [])

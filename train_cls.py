@@ -111,7 +111,7 @@ class ClsLoss:
 
     def __call__(self, model: torch.nn.Module, batch: Tuple[torch.Tensor, torch.Tensor, int]) -> Tuple[torch.Tensor, int]:
         x, y, skipped = batch
-        self.skipped += int(skipped)
+        self.skipped += int(torch.as_tensor(skipped).sum())  # an int, or per sample (streams)
         if self.mixup is not None and len(y) % 2:  # timm's Mixup pairs samples: needs an even batch
             x, y = x[:-1], y[:-1]
         if len(y) == 0:  # every file of this batch was unreadable: a zero loss keeps DDP in step
@@ -133,7 +133,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator) -> Dict[st
     model.eval()
     hits_total, count, skipped = torch.zeros(len(TOPK), dtype=torch.long), 0, 0
     for x, y, n_bad in loader:
-        skipped += int(n_bad)
+        skipped += int(torch.as_tensor(n_bad).sum())
         valid = y >= 0  # unreadable files come as target -1 (collate keeps the batch shape)
         logits = model(x) if len(y) else torch.zeros(0, 1, device=y.device)
         hits = topk_hits(logits, y, TOPK)  # per sample, so gather_for_metrics can drop the padding

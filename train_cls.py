@@ -84,10 +84,11 @@ class ClsConfig(BaseTrainConfig):
         require(0.0 <= self.reprob <= 1.0, "reprob", self.reprob, "a probability in [0, 1]")
         require(self.img_size >= 0, "img_size", self.img_size, "an integer >= 0 (0: default)")
         require(self.eval_batch_size >= 0, "eval_batch_size", self.eval_batch_size, "an integer >= 0 (0: default)")
-        require(self.train_num_samples >= 0, "train_num_samples", self.train_num_samples, "an integer >= 0 (0: _info.json)")
+        require(self.train_num_samples >= 0, "train_num_samples", self.train_num_samples,
+                "an integer >= 0 (0: from _info.json)")
         if self.eval_only and bool(self.checkpoint) == bool(self.pretrained):
-            raise ConfigError("eval_only=true needs one of checkpoint=PATH (a model.safetensors file or a run directory) "
-                              "or pretrained=SOURCE (the adapted start point of a fine-tuning run, step 0)")
+            raise ConfigError("eval_only=true needs one of checkpoint=PATH (a model.safetensors file or a run "
+                              "directory) or pretrained=SOURCE (the adapted start point of a fine-tuning run, step 0)")
         if self.checkpoint and not self.eval_only:
             raise ConfigError(f"checkpoint={self.checkpoint!r} is only used with eval_only=true; "
                               "to continue training use resume=auto or resume=DIR")
@@ -110,7 +111,7 @@ class ClsLoss:
 
     def __call__(self, model: torch.nn.Module, batch: Tuple[torch.Tensor, torch.Tensor, int]) -> Tuple[torch.Tensor, int]:
         x, y, skipped = batch
-        self.skipped += int(skipped)
+        self.skipped += int(torch.as_tensor(skipped).sum())  # an int, or per sample (streams)
         if self.mixup is not None and len(y) % 2:  # timm's Mixup pairs samples: needs an even batch
             x, y = x[:-1], y[:-1]
         if len(y) == 0:  # every file of this batch was unreadable: a zero loss keeps DDP in step
@@ -132,7 +133,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator) -> Dict[st
     model.eval()
     acc, skipped = TopKAccumulator(TOPK), 0
     for x, y, n_bad in loader:
-        skipped += int(n_bad)
+        skipped += int(torch.as_tensor(n_bad).sum())  # per-sample counts under DDP stream dispatch
         logits = model(x) if len(y) else torch.zeros(0, 1, device=y.device)
         # per sample, so gather_for_metrics can drop the padding; unreadable files come as target -1
         acc.add_hits(*accelerator.gather_for_metrics((topk_hits(logits, y, TOPK), y >= 0)))

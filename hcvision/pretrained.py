@@ -59,7 +59,8 @@ class PretrainedSource:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def _unavailable(spec: str, why: str) -> UsageError:

@@ -86,7 +86,8 @@ def _digit_folder(root: Path, classes: int, per_class: int = 6) -> Path:
             (root / split / str(c)).mkdir(parents=True)
             idx = np.flatnonzero(d.target == c)[(0 if split == "train" else per_class):][:per_class]
             for i in idx:
-                Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8), mode="L").save(root / split / str(c) / f"{i}.png")
+                image = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8), mode="L")
+                image.save(root / split / str(c) / f"{i}.png")
     return root
 
 

@@ -62,6 +62,6 @@ def classification_datasets(source: DataSource, model: torch.nn.Module, *, seed:
     val.check_readable()
     if train_images.classes != val.classes:
         raise UsageError(f"data_dir={source.describe()!r}: split {train_split!r} has classes "
-                         f"{train_images.classes[:5]}... but {val_split!r} has {val.classes[:5]}...; both must hold the "
-                         "same class folders (ClassLabel names)")
+                         f"{train_images.classes[:5]}... but {val_split!r} has {val.classes[:5]}...; both must hold "
+                         "the same class folders (ClassLabel names)")
     return SeededTransformDataset(train_images, seed=seed), val, len(train_images.classes), collate_skip_bad

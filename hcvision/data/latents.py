@@ -4,9 +4,9 @@ Extraction (``python -m hcvision.data.latents --data-dir IMAGENET/train --out la
 ``torchrun --nproc_per_node N -m hcvision.data.latents ...``):
 
 * every image of an ImageFolder (or of a Hugging Face dataset split, ``--data-dir hfds/NAME --split train``, read
-  through timm's hfds reader as train_cls.py reads it) is centre-cropped the way DiT/ADM do it (:func:`center_crop_arr`), mapped to
-  [-1, 1] and encoded by a diffusers ``AutoencoderKL`` given by hub id or local path
-  (default ``stabilityai/sd-vae-ft-ema``);
+  through timm's hfds reader as train_cls.py reads it) is centre-cropped the way DiT/ADM do it
+  (:func:`center_crop_arr`), mapped to [-1, 1] and encoded by a diffusers ``AutoencoderKL`` given by hub id or
+  local path (default ``stabilityai/sd-vae-ft-ema``);
 * what is stored is the **posterior** ``q(z | x) = N(mean, exp(logvar))`` of the image *and of its horizontal flip*
   (``moments``: ``(views, 2C, h, w)`` = mean then logvar, logvar clamped to [-30, 20] as diffusers does). Training
   then draws a fresh ``z = scale * (mean + exp(logvar / 2) * eps)`` every epoch and picks one of the two views at

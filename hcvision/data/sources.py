@@ -29,17 +29,17 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
 from ..cli import UsageError
 from .folder import collate_skip_bad, probe_readable, seeded_call
 
 __all__ = ["DATA_HELP", "DataSource", "parse_data", "ReaderImages", "ShardStream", "wds_dataset", "hfds_dataset",
-           "make_loader", "default_val_split"]
+           "make_loader", "collate_stream", "default_val_split"]
 
 DATA_HELP = ("'' (embedded digits), DIR (ImageFolder: DIR/train/<class>/<image>, DIR/val/...), wds/DIR (WebDataset "
              ".tar shards with timm's _info.json) or hfds/NAME (Hugging Face dataset: a local dataset directory or a "
@@ -244,22 +244,26 @@ def wds_dataset(source: DataSource, split: str, transform: Optional[Callable], *
 # ----------------------------------------------------------------------------------------------------------------
 # Loaders
 # ----------------------------------------------------------------------------------------------------------------
+def collate_stream(batch: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collate stream samples as ``(images, targets, skipped)``; ``skipped`` is per sample (zeros: timm drops bad
+    samples before they get here), so that Accelerate's batch dispatch can concatenate and slice it: with several
+    processes, rank 0 reads the stream and sends each rank its slice (timm's reader is built before the process
+    group exists, so it reads every shard)."""
+    images, targets = default_collate(batch)
+    return images, targets, torch.zeros(len(targets), dtype=torch.long)
+
+
 def make_loader(dataset: Any, batch_size: int, *, train: bool, num_workers: int = 0,
                 collate: Callable = collate_skip_bad) -> DataLoader:
     """The train or validation loader of any source: map-style sets are shuffled (training) by Accelerate's seedable
     sampler after ``prepare``; a :class:`ShardStream` shuffles itself. Validation batches keep their shape when a
     file is unreadable (``keep_size``), as ``gather_for_metrics`` needs."""
-    if train and isinstance(dataset, ShardStream):
-        dataset.configure(batch_size, num_workers)
-        return DataLoader(dataset, batch_size=batch_size, drop_last=True, num_workers=num_workers,
-                          collate_fn=collate, generator=dataset.generator)
     if isinstance(dataset, ShardStream):
         dataset.configure(batch_size, num_workers)
+        return DataLoader(dataset, batch_size=batch_size, drop_last=train, num_workers=num_workers,
+                          collate_fn=collate_stream, generator=dataset.generator)
     if not train and collate is collate_skip_bad:
         collate = partial(collate_skip_bad, keep_size=True)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and not isinstance(dataset, IterableDataset),
                       drop_last=train, num_workers=num_workers, collate_fn=collate)
 
-
-def class_names(dataset: Any) -> List[str]:
-    return list(getattr(dataset, "classes", None) or [])

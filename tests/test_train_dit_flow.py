@@ -171,7 +171,6 @@ def _classifier(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
 def test_repa_run_trains_the_projector_and_saves_the_dit_alone(tmp_path, encoder_file, capsys):
     enc_path, enc_state = encoder_file
     out = tmp_path / "repa"

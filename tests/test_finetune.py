@@ -26,12 +26,7 @@ SMALL = dict(embed_dim=32, depth=2)
 SMALL_ARGS = [f"model_kwargs.{k}={v}" for k, v in SMALL.items()] + ["progress_bar=false", "tensorboard=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _last_json(capsys) -> dict:

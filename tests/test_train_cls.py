@@ -26,13 +26,7 @@ TINY = ["model=vit_digits_patch2_8_dhc2", "model_kwargs.embed_dim=32", "model_kw
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI box has 2 cores shared by several processes: one intra-op thread avoids OpenMP spinning.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env():

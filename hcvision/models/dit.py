@@ -288,18 +288,15 @@ class HCDiT(nn.Module):
         ``eps = eps_u + s (eps_c - eps_u)`` on the first ``guidance_channels`` channels (DiT: 3; ``None``: every
         epsilon channel). Other channels (and the variance) are the conditional / unconditional passes' own.
         """
+        from ..diffusion.guidance import check_guidance_channels, guided_output  # the one guidance function
+
         if x.shape[0] % 2:
             raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got batch {x.shape[0]}")
-        gc = self.in_chans if guidance_channels is None else guidance_channels
-        if isinstance(gc, bool) or not isinstance(gc, int) or not 1 <= gc <= self.in_chans:
-            raise ValueError(f"guidance_channels must be None or an int in [1, {self.in_chans}] "
-                             f"(the epsilon channels), got {guidance_channels!r}")
+        k = check_guidance_channels(guidance_channels, self.in_chans)
         half = x[: x.shape[0] // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
-        eps, rest = out[:, :gc], out[:, gc:]
-        cond, uncond = eps.chunk(2, dim=0)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+        cond, uncond = self.forward(torch.cat([half, half]), t, y).chunk(2, dim=0)
+        guided = guided_output(cond, uncond, cfg_scale, k, channels=self.in_chans)
+        return torch.cat([guided, torch.cat([guided[:, :k], uncond[:, k:]], dim=1)])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,18 +6,13 @@
     python train_cls.py model=vit_digits_patch2_8_res output_dir=runs/res epochs=50 lr=2e-3
     python train_cls.py eval_only=true checkpoint=runs/res/model.safetensors
     python train_cls.py --config configs/cls/digits_upcycle_dhc2.yaml   # residual weights -> DHCx2, fine-tuned
-    python train_cls.py eval_only=true model=vit_digits_patch2_8_dhc2 pretrained=vit_digits_patch2_8_res.hcv_digits
     python train_cls.py data_dir=wds/shards/ ...  |  data_dir=hfds/org/name data_root=~/hf_cache ...
     torchrun --nproc_per_node 2 train_cls.py ...            # DDP (accelerate launch works too)
 
-``data_dir`` (the issue's ``data=``) takes timm's dataset names: '' (scikit-learn's digits, fixed held-out
-split), an ImageFolder root with ``train/`` and ``val/``, ``wds/DIR`` or ``hfds/NAME``
-(:mod:`hcvision.data.sources`).  ``pretrained=`` (:mod:`hcvision.pretrained`) starts from a file,
-``local-dir:DIR``, ``hf-hub:ORG/NAME`` or a timm ``name.tag``.  Keys are those of :class:`ClsConfig` (and
-:class:`hcvision.engine.BaseTrainConfig`); ``model_kwargs.<name>=value`` reaches the model.
-Outputs (``output_dir``): config.yaml, checkpoints/, metrics.jsonl, tb/, model.safetensors,
-results.json.  Exit codes: 0 done, 1 non-finite loss, 2 bad input, 128+N stopped by signal N
-(a checkpoint was saved: rerun with ``resume=auto``).
+Keys are those of :class:`ClsConfig` and :class:`hcvision.engine.BaseTrainConfig` (``model_kwargs.<name>=value``
+reaches the model); data sources are :mod:`hcvision.data.sources`, ``pretrained=`` sources :mod:`hcvision.pretrained`.
+Outputs (``output_dir``): config.yaml, provenance.json, checkpoints/, metrics.jsonl, tb/, model.safetensors,
+results.json. Exit codes: 0 done, 1 non-finite loss, 2 bad input, 128+N stopped by signal N (resume=auto goes on).
 """
 from __future__ import annotations
 
@@ -25,22 +20,19 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 import hcvision  # noqa: F401  (registers the hcvision models with timm)
 from hcvision import io
 from hcvision.data import classification_datasets
 from hcvision.data.sources import make_loader, parse_data
-from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, require, train_main
-from hcvision.eval.classification import TopKAccumulator, topk_hits
-from hcvision.pretrained import PretrainedSource, create_pretrained, resolve_pretrained
-
-TOPK = (1, 5)
+from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, checked, train_main
+from hcvision.eval.classification import evaluate, evaluate_with_ema, load_classifier_weights
+from hcvision.pretrained import create_pretrained, resolve_pretrained
 
 
 @dataclass
@@ -60,32 +52,24 @@ class ClsConfig(BaseTrainConfig):
     data_root: str = ""  # hfds: the Hugging Face datasets cache (timm's --data-dir for hfds)
     train_split: str = "train"
     val_split: str = ""  # '' = 'val' for folders, 'validation' for wds/hfds (timm train.py's default)
-    train_num_samples: int = 0  # wds: samples per epoch when _info.json does not say (timm's --train-num-samples)
+    # wds: samples per epoch when _info.json does not say (timm's --train-num-samples)
+    train_num_samples: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: from _info.json)")
     digits_augment: bool = False  # +-1 pixel random translation (hurt top-1 on 8x8 digits in our runs)
-    img_size: int = 0  # 0 = the model's default input size (ImageFolder only)
+    img_size: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: default)")  # 0: the model's (ImageFolder only)
     auto_augment: str = ""  # timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1' (ImageFolder only)
-    reprob: float = 0.0  # random-erasing probability (ImageFolder only)
-    eval_batch_size: int = 0  # per device; 0 = the training per-device batch
-    # -- regularisation ------------------------------------------------------------------------
-    mixup: float = 0.0  # mixup alpha (timm Mixup); 0 disables
-    cutmix: float = 0.0  # cutmix alpha; 0 disables
-    smoothing: float = 0.0  # label smoothing
-    # -- evaluation ----------------------------------------------------------------------------
+    reprob: float = checked(0.0, lambda v: 0 <= v <= 1, "a probability in [0, 1]")  # random erasing (ImageFolder)
+    eval_batch_size: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: default)")  # per device; 0: training's
+    # -- regularisation (timm's Mixup and label smoothing; 0 disables each) ------------------------
+    mixup: float = checked(0.0, lambda v: v >= 0, "a number >= 0 (0 disables)")  # mixup alpha
+    cutmix: float = checked(0.0, lambda v: v >= 0, "a number >= 0 (0 disables)")  # cutmix alpha
+    smoothing: float = checked(0.0, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    # -- evaluation and fine-tuning ------------------------------------------------------------
     eval_only: bool = False
     checkpoint: str = ""  # eval_only: model.safetensors file, or a run / checkpoint directory
-    # -- fine-tuning -----------------------------------------------------------------------------
     pretrained: str = ""  # start from: FILE, local-dir:DIR, hf-hub:ORG/NAME or a timm name.tag (hcvision.pretrained)
 
     def validate(self) -> None:
         super().validate()
-        require(self.mixup >= 0, "mixup", self.mixup, "a number >= 0 (0 disables)")
-        require(self.cutmix >= 0, "cutmix", self.cutmix, "a number >= 0 (0 disables)")
-        require(0.0 <= self.smoothing < 1.0, "smoothing", self.smoothing, "a number in [0, 1)")
-        require(0.0 <= self.reprob <= 1.0, "reprob", self.reprob, "a probability in [0, 1]")
-        require(self.img_size >= 0, "img_size", self.img_size, "an integer >= 0 (0: default)")
-        require(self.eval_batch_size >= 0, "eval_batch_size", self.eval_batch_size, "an integer >= 0 (0: default)")
-        require(self.train_num_samples >= 0, "train_num_samples", self.train_num_samples,
-                "an integer >= 0 (0: from _info.json)")
         if self.eval_only and bool(self.checkpoint) == bool(self.pretrained):
             raise ConfigError("eval_only=true needs one of checkpoint=PATH (a model.safetensors file or a run "
                               "directory) or pretrained=SOURCE (the adapted start point of a fine-tuning run, step 0)")
@@ -118,69 +102,8 @@ class ClsLoss:
             return sum(p.sum() for p in model.parameters()) * 0.0, 0
         if self.mixup is not None:
             x, soft = self.mixup(x, y)
-            logits = model(x)
-            loss = self.soft_ce(logits.float(), soft)
-        else:
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.smoothing)
-        return loss, len(y)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator) -> Dict[str, float]:
-    """Top-k over the whole (sharded) split; ``gather_for_metrics`` drops the padding of uneven splits."""
-    was_training = model.training
-    model.eval()
-    acc, skipped = TopKAccumulator(TOPK), 0
-    for x, y, n_bad in loader:
-        skipped += int(torch.as_tensor(n_bad).sum())  # per-sample counts under DDP stream dispatch
-        logits = model(x) if len(y) else torch.zeros(0, 1, device=y.device)
-        # per sample, so gather_for_metrics can drop the padding; unreadable files come as target -1
-        acc.add_hits(*accelerator.gather_for_metrics((topk_hits(logits, y, TOPK), y >= 0)))
-    model.train(was_training)
-    skipped_t = accelerator.reduce(torch.tensor([skipped], device=accelerator.device), reduction="sum")
-    return {**acc.compute(), "skipped_images": int(skipped_t.item())}
-
-
-def evaluate_with_ema(model, ema_module, loader, accelerator) -> Dict[str, float]:
-    metrics = evaluate(model, loader, accelerator)
-    if ema_module is not None:
-        metrics.update({f"ema_{k}": v for k, v in evaluate(ema_module, loader, accelerator).items() if "top" in k})
-    return metrics
-
-
-def load_for_eval(cfg: ClsConfig, model: torch.nn.Module, num_classes: int) -> str:
-    """Load ``checkpoint=`` (hcvision safetensors, timm ``train.py`` checkpoint, run directory) into ``model``."""
-    path = io.resolve_weights(cfg.checkpoint, ema=False)
-    state = io.unwrap_state_dict(io.load_weights(path)[0])
-    io.check_finite(state, f"checkpoint {str(path)!r}")
-    head = state.get(f"{model.pretrained_cfg.get('classifier', 'head')}.weight")
-    if head is not None and head.shape[0] != num_classes:
-        raise ConfigError(f"checkpoint {str(path)!r} has {head.shape[0]} classes but the data has {num_classes}; "
-                          "evaluate on data with the same classes or pass a matching checkpoint")
-    try:
-        model.load_state_dict(hcvision.models.filter_checkpoint(state, model), strict=True)
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"checkpoint {str(path)!r} does not fit model={cfg.model!r}: "
-                          f"{str(e).strip().splitlines()[-1][:300]}") from None
-    return str(path)
-
-
-def check_input_size(model: torch.nn.Module, name: str, img_size: int) -> None:
-    """An ``img_size`` the model cannot take is an error now, not after outputs were written mid-training."""
-    embed = getattr(model, "patch_embed", None)
-    fixed = tuple(getattr(embed, "img_size", None) or ())
-    if img_size and fixed and getattr(embed, "strict_img_size", True) and not getattr(embed, "dynamic_img_size", False) \
-            and (img_size, img_size) != fixed:
-        raise ConfigError(f"img_size={img_size} does not fit model={name!r}, "
-                          f"which takes {fixed[0]}x{fixed[1]} images; accepted: img_size=0 (the model's size), "
-                          f"img_size={fixed[0]}, or model_kwargs.img_size={img_size} / model_kwargs.dynamic_img_size=true")
-
-
-def build_model(cfg: ClsConfig, kwargs: Dict[str, Any], source: Optional[PretrainedSource]) -> torch.nn.Module:
-    """The model to train or evaluate: random init, or ``pretrained=`` adapted the way timm adapts (head kept when the
-    class count fits, else fresh; missing connection parameters at their Pre-Norm init)."""
-    return timm.create_model(cfg.model, **kwargs) if source is None else create_pretrained(cfg.model, source, kwargs)
+            return self.soft_ce(model(x).float(), soft), len(y)
+        return F.cross_entropy(model(x).float(), y, label_smoothing=self.smoothing), len(y)
 
 
 def run(cfg: ClsConfig) -> int:
@@ -189,23 +112,21 @@ def run(cfg: ClsConfig) -> int:
     source = resolve_pretrained(cfg.pretrained) if cfg.pretrained else None  # offline hub: exit 2 before any write
     data = parse_data(cfg.data_dir, cfg.data_root)
     meta_model = io.create_model(cfg.model, cfg.model_kwargs, meta=True)  # for its cfg: mean/std, size, channels
-    if data.kind != "digits":
-        check_input_size(meta_model, cfg.model, cfg.img_size)
     train_set, val_set, num_classes, collate = classification_datasets(
         data, meta_model, seed=cfg.seed, digits_augment=cfg.digits_augment, img_size=cfg.img_size,
         auto_augment=cfg.auto_augment, reprob=cfg.reprob, train_split=cfg.train_split, val_split=cfg.val_split,
         train_num_samples=cfg.train_num_samples, num_classes=int(cfg.model_kwargs.get("num_classes", 0)))
-    kwargs = dict(cfg.model_kwargs)
-    if int(kwargs.setdefault("num_classes", num_classes)) != num_classes:
-        raise ConfigError(f"model_kwargs.num_classes={kwargs['num_classes']!r} does not match the "
-                          f"{num_classes} classes of the data; drop it or use matching data")
+    kwargs = {**cfg.model_kwargs, "num_classes": num_classes}
     start = {"pretrained": source.record()} if source else {}
     with Run(cfg, "train_cls", writes=not cfg.eval_only) as run:
-        model = build_model(cfg, kwargs, source)  # after Run seeded: the same weights (and fresh head) on every rank
+        # Built after Run seeded it: the same weights (and fresh head) on every rank. pretrained= is adapted the way
+        # timm adapts: the head kept when the class count fits, missing connection parameters at their Pre-Norm init.
+        model = create_pretrained(cfg.model, source, kwargs) if source else timm.create_model(cfg.model, **kwargs)
         val_loader = make_loader(val_set, cfg.eval_batch_size or run.batch_size, train=False,
                                  num_workers=cfg.num_workers, collate=collate)
         if cfg.eval_only:
-            weights = load_for_eval(cfg, model, num_classes) if cfg.checkpoint else str(source.file)
+            weights = (load_classifier_weights(model, cfg.checkpoint, cfg.model, num_classes) if cfg.checkpoint
+                       else str(source.file))
             model, val_loader = run.acc.prepare(model, val_loader)
             metrics = evaluate(model, val_loader, run.acc)
             run.print(json.dumps({"model": cfg.model, "checkpoint": weights, "data": data.describe(), **start,
@@ -221,9 +142,6 @@ def run(cfg: ClsConfig) -> int:
         metrics = result.eval_metrics or evaluate_with_ema(run.model, run.ema and run.ema.module,
                                                            run.eval_loaders[0], run.acc)
         skipped = int(run.acc.reduce(torch.tensor([loss_fn.skipped], device=run.acc.device), reduction="sum"))
-        if result.state.images_seen == 0:
-            raise ConfigError(f"no training image of data_dir={cfg.data_dir!r} could be read ({skipped} skipped); "
-                              "nothing was trained and no weights or results are written")
         run.save_weights({"model": cfg.model, "model_kwargs": json.dumps(kwargs), "top1": f"{metrics['top1']:.4f}",
                           **({"pretrained": source.spec, "pretrained_sha256": source.sha256} if source else {})})
         run.write_results({

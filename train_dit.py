@@ -7,30 +7,23 @@
     python train_dit.py model=dit_digits_2_res output_dir=runs/dit_res      # the residual baseline
     torchrun --nproc_per_node 8 train_dit.py --config ...   # DDP (accelerate launch works too)
 
-``data_dir`` is a directory written by ``python -m hcvision.data.latents`` (VAE posteriors, or pixels with
-``--vae none``); empty means scikit-learn's digits in pixel space (1x8x8, [-1, 1]) with the fixed held-out split.
-``objective=ddpm`` (default) is DiT's: uniform t over 1000 linear-beta steps, hybrid loss (epsilon MSE + VLB for the
-learned sigma). ``objective=flow`` is SiT's: linear interpolant, velocity MSE, ``time_sampling=uniform|logit_normal``.
-``repa_weight > 0`` adds REPA's alignment of the tokens after block ``repa_block`` with a frozen encoder read from the
-local file ``repa_encoder`` (pixel data only: the encoder sees the clean images). Both: label dropout
-``class_dropout_prob`` (null class = ``num_classes``), AdamW, EMA in fp32; the losses are :mod:`hcvision.diffusion`.
-Everything generic (config, accumulation, exact resume, SIGTERM, NaN guard, logging) is :mod:`hcvision.engine`.
+``data_dir``: '' is scikit-learn's digits in pixel space (1x8x8 in [-1, 1], fixed held-out split), else a directory
+written by ``python -m hcvision.data.latents``. ``objective=ddpm`` is DiT's (1000 linear-beta steps, epsilon MSE + VLB
+for the learned sigma), ``objective=flow`` SiT's (linear interpolant, velocity MSE); ``repa_weight > 0`` adds REPA's
+alignment with a frozen encoder read from the local file ``repa_encoder`` (pixel data only). The losses are
+:mod:`hcvision.diffusion`; config, accumulation, EMA, exact resume, signals and logging are :mod:`hcvision.engine`.
 
-The saved weights are the DiT's alone (no REPA projector or encoder) and record the objective and the sampling
-defaults (``eval_scheduler``, ``eval_steps``, ``cfg_scale``, ``guidance_*``), which ``python -m hcvision.sample`` uses.
-At the end the EMA model generates ``eval_samples`` class-balanced samples (see :mod:`hcvision.sample`):
-``samples/grid.png`` (one row per class), ``samples/samples.npz`` (ADM layout) and ``results.json`` with FID,
-precision, recall (and IS) from ``hcv-digits`` features against the held-out digits, plus ``cls_acc``, the share of
-samples the digits classifier assigns to the requested class. Latent runs are scored only if ``eval_ref`` names
-reference images or statistics (Inception features; see :mod:`hcvision.eval.generative`).
-
-Exit codes: 0 done, 1 non-finite loss, 2 bad input, 128+N stopped by signal N (rerun with ``resume=auto``).
+The saved weights are the DiT's alone and record the objective and sampling defaults that ``python -m
+hcvision.sample`` uses. At the end the EMA model draws ``eval_samples`` class-balanced samples into ``samples/``
+(grid.png, ADM's samples.npz) and ``results.json`` gets FID, IS, precision and recall (:func:`hcvision.eval.
+score_samples`): against the held-out digits in the digits classifier's features (plus ``cls_acc``), or for latent
+runs against ``eval_ref`` in Inception features. Exit codes: 0 done, 1 non-finite loss, 2 bad input, 128+N stopped
+by signal N (rerun with ``resume=auto``).
 """
 from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -40,12 +33,15 @@ import torch
 from torch.utils.data import DataLoader
 
 import hcvision  # noqa: F401  (registers the DiT family with timm)
-from hcvision import io
-from hcvision.data.generative import diffusion_dataset, digits_pixels, sample_decoder
+from hcvision.data.generative import check_decoder, check_model_fits, diffusion_dataset, sample_decoder
 from hcvision.diffusion import (DEFAULT_SAMPLER, OBJECTIVES, SAMPLERS, TIME_SAMPLINGS, DiffusionLoss, make_sampler,
                                 sampling_metadata)
-from hcvision.diffusion.repa import DEFAULT_ENCODER, REPA, base_model, load_repa_encoder
-from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, require, train_main
+from hcvision.diffusion.repa import DEFAULT_ENCODER, REPA, base_model, load_repa_encoder_for
+from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, checked, require, train_main
+from hcvision.eval import check_digits_classifier
+from hcvision.sample import sample_and_score
+
+QUALITY = ("fid", "precision", "recall", "cls_acc", "is_mean", "is_std")
 
 
 @dataclass
@@ -64,28 +60,37 @@ class DitConfig(BaseTrainConfig):
     ema: bool = True
     ema_decay: float = 0.995  # DiT: 0.9999 over 400K+ updates; the demo has 2.2K
     log_every: int = 50
-    cpu_threads: int = 1  # torch intra-op threads when training on CPU; 0 = torch's default (one per core)
+    # torch intra-op threads when training on CPU; 0 = torch's default (one per core)
+    cpu_threads: int = checked(1, lambda v: v >= 0, "an integer >= 0 (0: default)")
     # -- data ----------------------------------------------------------------------------------
     data_dir: str = ""  # '' = embedded digits (pixels); else a directory from `python -m hcvision.data.latents`
     hflip: bool = True  # latent/pixel directories: random horizontal flip (the stored flipped posterior)
     # -- diffusion -----------------------------------------------------------------------------
-    objective: str = "ddpm"  # ddpm (DiT: epsilon + learned sigma) | flow (SiT: linear interpolant, velocity)
+    # ddpm (DiT: epsilon + learned sigma) | flow (SiT: linear interpolant, velocity)
+    objective: str = checked("ddpm", lambda v: v in OBJECTIVES, f"one of {OBJECTIVES}")
     time_sampling: str = "uniform"  # flow: uniform (SiT, REPA) | logit_normal (SD3, LightningDiT); ddpm: uniform
-    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (DiT: 0.1)
-    repa_weight: float = 0.0  # REPA's lambda (paper: 0.5); 0 = no REPA
-    repa_block: int = 8  # align the tokens after this block (1-based; REPA: 8 of SiT-XL's 28)
+    # label dropout for classifier-free guidance (DiT: 0.1)
+    class_dropout_prob: float = checked(0.1, lambda v: 0 <= v < 1,
+                                        "a number in [0, 1) (0 disables classifier-free guidance)")
+    repa_weight: float = checked(0.0, lambda v: 0 <= v < float("inf"), "a number >= 0 (0: no REPA)")  # paper: 0.5
+    # align the tokens after this block (1-based; REPA: 8 of SiT-XL's 28)
+    repa_block: int = checked(8, lambda v: v >= 1, "an integer >= 1 (a block of the DiT)")
     repa_encoder: str = ""  # local weights file of the frozen encoder (never downloaded)
     repa_encoder_model: str = DEFAULT_ENCODER  # its timm name (DINOv2-B/14)
     repa_encoder_kwargs: Dict[str, Any] = field(default_factory=dict)  # timm kwargs of the encoder (tests: tiny ones)
-    repa_projector_dim: int = 2048  # hidden width of REPA's MLP projector
+    repa_projector_dim: int = checked(2048, lambda v: v >= 1, "an integer >= 1")  # REPA's MLP projector width
     # -- final sampling and evaluation ---------------------------------------------------------
-    eval_samples: int = 1000  # class-balanced samples from the EMA model after training; 0 skips
+    eval_samples: int = checked(1000, lambda v: v >= 0, "an integer >= 0 (0 skips)")  # from the EMA model
     eval_scheduler: str = ""  # '' = the objective's default: ddpm (DDPM), sde (flow); see hcvision.diffusion.SAMPLERS
-    eval_steps: int = 100
-    cfg_scale: float = 1.5
-    guidance_channels: int = 0  # 0 = auto: 3 of 4 latent channels (DiT), all channels otherwise
-    guidance_interval: Tuple[float, float] = (0.0, 1.0)  # guide only at noise levels in [lo, hi] (REPA: 0, 0.7)
-    eval_batch_size: int = 250  # per process
+    eval_steps: int = checked(100, lambda v: 1 <= v <= 1000, "an integer in [1, 1000]")
+    cfg_scale: float = checked(1.5, lambda v: 0 <= v < float("inf"), "a number >= 0 (1: no guidance)")
+    # 0 = auto: 3 of 4 latent channels (DiT), all channels otherwise
+    guidance_channels: int = checked(0, lambda v: v >= 0, "0 (auto) or k >= 1")
+    # guide only at noise levels in [lo, hi] (REPA: 0, 0.7)
+    guidance_interval: Tuple[float, float] = checked((0.0, 1.0), lambda v: 0 <= v[0] <= v[1] <= 1,
+                                                     "[lo, hi] with 0 <= lo <= hi <= 1 (noise levels: 0 = data, "
+                                                     "1 = noise)")
+    eval_batch_size: int = checked(250, lambda v: v >= 1, "an integer >= 1")  # per process
     eval_seed: int = 0
     eval_ref: str = ""  # latent runs: reference images / .npz / stats for FID (Inception); digits: held-out split
     vae: str = ""  # latent runs: VAE that decodes samples; '' = the one recorded by the latent extraction
@@ -93,132 +98,19 @@ class DitConfig(BaseTrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob", self.class_dropout_prob,
-                "a number in [0, 1) (0 disables classifier-free guidance)")
-        require(self.eval_samples >= 0, "eval_samples", self.eval_samples, "an integer >= 0 (0 skips)")
-        require(self.objective in OBJECTIVES, "objective", self.objective, f"one of {OBJECTIVES}")
         require(self.time_sampling in (TIME_SAMPLINGS if self.objective == "flow" else ("uniform",)), "time_sampling",
                 self.time_sampling, f"one of {TIME_SAMPLINGS} for objective=flow, 'uniform' for objective=ddpm")
         require(self.eval_scheduler in ("", *SAMPLERS[self.objective]), "eval_scheduler", self.eval_scheduler,
                 f"one of {SAMPLERS[self.objective]} for objective={self.objective} ('' = {self.sampler})")
-        lo, hi = self.guidance_interval
-        require(0.0 <= lo <= hi <= 1.0, "guidance_interval", list(self.guidance_interval),
-                "[lo, hi] with 0 <= lo <= hi <= 1 (noise levels: 0 = data, 1 = noise)")
-        require(0.0 <= self.repa_weight < float("inf"), "repa_weight", self.repa_weight, "a number >= 0 (0: no REPA)")
-        require(self.repa_block >= 1, "repa_block", self.repa_block, "an integer >= 1 (a block of the DiT)")
-        require(self.repa_projector_dim >= 1, "repa_projector_dim", self.repa_projector_dim, "an integer >= 1")
-        require(1 <= self.eval_steps <= 1000, "eval_steps", self.eval_steps, "an integer in [1, 1000]")
-        require(0 <= self.cfg_scale < float("inf"), "cfg_scale", self.cfg_scale, "a number >= 0 (1: no guidance)")
-        require(self.guidance_channels >= 0, "guidance_channels", self.guidance_channels, "0 (auto) or k >= 1")
-        require(self.cpu_threads >= 0, "cpu_threads", self.cpu_threads, "an integer >= 0 (0: default)")
-        require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
         if self.cfg_scale != 1.0 and self.class_dropout_prob == 0.0 and self.eval_samples:
             raise ConfigError(f"cfg_scale={self.cfg_scale} needs label dropout (class_dropout_prob > 0) to train the "
                               "null class; set cfg_scale=1 or class_dropout_prob=0.1")
 
     @property
     def sampler(self) -> str:
-        """The sampler of the final evaluation and the saved weights' default: ``eval_scheduler`` if it is one of the
-        objective's, else the objective's default."""
+        """The final evaluation's sampler (and the weights' default): ``eval_scheduler``, else the objective's."""
         ok = self.eval_scheduler in SAMPLERS.get(self.objective, ())
         return self.eval_scheduler if ok else DEFAULT_SAMPLER.get(self.objective, "ddpm")
-
-
-def digits_classifier_path(cfg: DitConfig) -> Path:
-    """The digits classifier used for FID/precision/recall/cls_acc; fails with how to produce it.
-
-    Order: ``digits_classifier=``, then hcvision.eval's default (``$HCV_DIGITS_CLASSIFIER``, else the residual digits
-    ViT committed under ``weights/``).
-    """
-    from hcvision.eval.features import DIGITS_CLASSIFIER_ENV, default_digits_classifier_path, load_digits_classifier
-
-    path = Path(cfg.digits_classifier) if cfg.digits_classifier else default_digits_classifier_path()
-    if not path.is_file():
-        raise ConfigError(
-            f"the digits classifier {str(path)!r} does not exist; the demo scores its samples with it. Produce one "
-            f"with the classification demo (`python train_cls.py --config configs/cls/digits_dhc2.yaml "
-            f"output_dir=runs/clf` writes runs/clf/model.safetensors) and pass digits_classifier=PATH or set "
-            f"{DIGITS_CLASSIFIER_ENV}=PATH; or set eval_samples=0 to train without scoring")
-    try:
-        load_digits_classifier(path)
-    except Exception as e:  # corrupt file, foreign model: say so now, not after training
-        raise ConfigError(f"digits_classifier={str(path)!r} cannot be used: {e}") from None
-    return path
-
-
-def check_model_fits(cfg: DitConfig, model_kwargs: Dict[str, Any], sample_shape: Tuple[int, ...],
-                     num_classes: int) -> torch.nn.Module:
-    """The data's sample shape and class count must be what the model takes (checked on the meta device, whose
-    model is returned)."""
-    declared = model_kwargs.get("num_classes")
-    if declared is not None and int(declared) != num_classes:
-        raise ConfigError(f"model_kwargs.num_classes={declared!r} does not match the {num_classes} classes of the data "
-                          f"(class ids 0..{num_classes - 1}); drop it or use matching data")
-    model = io.create_model(cfg.model, {**model_kwargs, "num_classes": num_classes}, meta=True)
-    takes = (model.in_chans, *model.input_size)
-    if tuple(sample_shape) != takes:
-        raise ConfigError(
-            f"the data's samples have shape {tuple(sample_shape)} but model={cfg.model!r} takes {takes}; choose a "
-            f"model for this input (e.g. a dit_* model for 4x32x32 SD-VAE latents of 256px images, dit_digits_2_* "
-            f"for the digits) or set model_kwargs.input_size={sample_shape[-1]} / model_kwargs.in_chans="
-            f"{sample_shape[0]}")
-    return model
-
-
-def repa_encoder(cfg: DitConfig, model: torch.nn.Module, info: Dict[str, Any]) -> Optional[torch.nn.Module]:
-    """REPA's frozen encoder from its local file (None without REPA); every misfit is a ConfigError before any write.
-
-    It reads images of the DiT's token grid times its patch size (REPA: 16 x 14 = 224 px for SiT-XL/2 at 256 px).
-    """
-    if not cfg.repa_weight:
-        return None
-    if info["mode"] != "pixels":
-        raise ConfigError(f"repa_weight={cfg.repa_weight} needs the clean images for the encoder, but data_dir="
-                          f"{cfg.data_dir!r} holds {info['mode']} latents only; use pixel data or repa_weight=0")
-    depth = len(model.blocks)
-    require(cfg.repa_block <= depth, "repa_block", cfg.repa_block, f"a block in 1..{depth} (model has {depth} blocks)")
-    patch = int(cfg.repa_encoder_kwargs.get("patch_size", 14))  # DINOv2's patch is 14
-    return load_repa_encoder(cfg.repa_encoder, cfg.repa_encoder_model, img_size=model.grid_size[0] * patch,
-                             **cfg.repa_encoder_kwargs)
-
-
-def sample_and_score(cfg: DitConfig, accelerator: Any, model: torch.nn.Module, sample_shape: Tuple[int, ...],
-                     num_classes: int, info: Dict[str, Any], classifier: Optional[Path]) -> Dict[str, Any]:
-    """EMA samples -> grid, npz and metrics (metrics on the main process; collective call)."""
-    from hcvision.sample import sample_to_dir
-
-    gc = cfg.guidance_channels or (3 if sample_shape[0] == 4 else None)
-    if gc is not None and gc > sample_shape[0]:
-        raise ConfigError(f"guidance_channels={gc} is not valid; the samples have {sample_shape[0]} channels")
-    out = Path(cfg.output_dir) / "samples"
-    t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    result = sample_to_dir(model, out, cfg.eval_samples, state=accelerator, sample_shape=sample_shape,
-                           num_classes=num_classes, null_class=model.null_class, scheduler=cfg.sampler,
-                           steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, guidance_channels=gc,
-                           guidance_interval=cfg.guidance_interval, seed=cfg.eval_seed,
-                           batch_size=cfg.eval_batch_size, decode=sample_decoder(info, cfg.vae, accelerator.device),
-                           progress=cfg.progress_bar)
-    model.train(was_training)
-    metrics: Dict[str, Any] = {"sample_seconds": round(time.perf_counter() - t0, 2),
-                               "sample_grid": str(out / "grid.png"), "samples_npz": str(out / "samples.npz")}
-    if result is None:  # not the main process
-        return metrics
-    images, labels = result
-    if not cfg.data_dir:
-        from hcvision.eval import digits_to_uint8, generative_metrics
-
-        ref = digits_to_uint8((digits_pixels("val").images + 1.0) * 8.0)  # [-1, 1] -> sklearn's 0..16
-        scores = generative_metrics(images, ref.permute(0, 2, 3, 1).numpy(), feature_extractor="hcv-digits",
-                                    weights_path=classifier, gen_labels=labels, isc=True, fid=True, prc=True)
-        metrics.update(reference="digits held-out split", **scores)
-    elif cfg.eval_ref:
-        from hcvision.eval import generative_metrics
-
-        scores = generative_metrics(images, cfg.eval_ref, isc=True, fid=True, prc=True)
-        metrics.update(reference=cfg.eval_ref, **scores)
-    return metrics
 
 
 def run(cfg: DitConfig) -> int:
@@ -227,18 +119,18 @@ def run(cfg: DitConfig) -> int:
     train_set, sample_shape, classes, info = diffusion_dataset(cfg.data_dir, cfg.seed, cfg.hflip)
     num_classes = len(classes)
     kwargs = {**cfg.model_kwargs, "num_classes": num_classes, "class_dropout_prob": cfg.class_dropout_prob}
-    encoder = repa_encoder(cfg, check_model_fits(cfg, cfg.model_kwargs, sample_shape, num_classes), info)
-    classifier = digits_classifier_path(cfg) if (cfg.eval_samples and not cfg.data_dir) else None
-    if cfg.eval_samples and cfg.data_dir and info["mode"] == "vae":
-        from hcvision.data.latents import load_vae
-
-        try:  # the decoder is needed after training: find out now if it is missing
-            load_vae(cfg.vae or info["vae"])
-        except Exception as e:
-            raise ConfigError(f"{e} (or set eval_samples=0 to train without sampling)") from None
-    if len(train_set) < cfg.global_batch_size // cfg.grad_accum_steps:
-        raise ConfigError(f"global_batch_size={cfg.global_batch_size} is larger than the {len(train_set)} training "
-                          "samples; use a smaller batch")
+    dit = check_model_fits(cfg.model, cfg.model_kwargs, sample_shape, num_classes)  # on the meta device
+    guidance_channels = cfg.guidance_channels or (3 if sample_shape[0] == 4 else None)  # DiT guides 3 of 4 latents
+    require((guidance_channels or 0) <= sample_shape[0], "guidance_channels", guidance_channels,
+            f"0 (auto) or k <= {sample_shape[0]}, the samples' channel count")
+    if cfg.repa_weight and info["mode"] != "pixels":
+        raise ConfigError(f"repa_weight={cfg.repa_weight} needs the clean images for the encoder, but data_dir="
+                          f"{cfg.data_dir!r} holds {info['mode']} latents only; use pixel data or repa_weight=0")
+    encoder = load_repa_encoder_for(dit, cfg.repa_block, cfg.repa_encoder, cfg.repa_encoder_model,
+                                    **cfg.repa_encoder_kwargs) if cfg.repa_weight else None
+    classifier = check_digits_classifier(cfg.digits_classifier) if cfg.eval_samples and not cfg.data_dir else None
+    if cfg.eval_samples:
+        check_decoder(info, cfg.vae)  # needed after training: find out now if it is missing
     with Run(cfg, "train_dit") as run:
         if run.acc.device.type == "cpu" and cfg.cpu_threads:
             # A ~1M-parameter DiT does (1024 x 96)-sized matmuls: a second OpenMP thread buys little on an idle
@@ -258,19 +150,24 @@ def run(cfg: DitConfig) -> int:
             steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, guidance_channels=cfg.guidance_channels,
             guidance_interval=cfg.guidance_interval)}, select=base_model)  # the DiT's weights only
         metrics: Dict[str, Any] = {}
-        if cfg.eval_samples:
-            sampler = base_model(run.ema.module if run.ema is not None else run.unwrapped)
-            metrics = sample_and_score(cfg, run.acc, sampler, sample_shape, num_classes, info, classifier)
-        quality = ("fid", "precision", "recall", "cls_acc", "is_mean", "is_std")
+        if cfg.eval_samples:  # the EMA weights draw class-balanced samples (collective), rank 0 scores them
+            ema = base_model(run.ema.module if run.ema is not None else run.unwrapped).eval()
+            metrics = sample_and_score(
+                ema, Path(cfg.output_dir) / "samples", cfg.eval_samples, state=run.acc, classifier=classifier,
+                reference=cfg.eval_ref or ("" if cfg.data_dir else "digits"), sample_shape=sample_shape,
+                num_classes=num_classes, null_class=ema.null_class, scheduler=cfg.sampler, steps=cfg.eval_steps,
+                cfg_scale=cfg.cfg_scale, guidance_channels=guidance_channels, guidance_interval=cfg.guidance_interval,
+                seed=cfg.eval_seed, batch_size=cfg.eval_batch_size, progress=cfg.progress_bar,
+                decode=sample_decoder(info, cfg.vae, run.acc.device))
         run.write_results({
             "model": cfg.model, "model_kwargs": kwargs, "params": sum(p.numel() for p in model.parameters()),
-            "data": info["data"], "objective": cfg.objective, **{k: metrics[k] for k in quality if k in metrics},
+            "data": info["data"], "objective": cfg.objective, **{k: metrics[k] for k in QUALITY if k in metrics},
             "weights": "ema" if run.ema is not None else "raw", "eval_samples": cfg.eval_samples,
             "eval_scheduler": cfg.sampler, "eval_steps": cfg.eval_steps,
             "eval_nfe": make_sampler(cfg.sampler, cfg.eval_steps).nfe, "cfg_scale": cfg.cfg_scale,
             "guidance_interval": list(cfg.guidance_interval),
             **({"repa_weight": cfg.repa_weight, "repa_block": cfg.repa_block} if repa else {}),
-            **{k: v for k, v in metrics.items() if k not in quality},
+            **{k: v for k, v in metrics.items() if k not in QUALITY},
         }, shown=("model", "objective", "fid", "precision", "recall", "cls_acc", "global_step", "images_per_sec"))
     return 0
 

@@ -304,6 +304,17 @@ def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None, *, meta: bo
         raise UsageError(f"model={name!r} cannot be built with {key} {given}: {_first_line(err)}") from None
 
 
+def load_state_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, name: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` after the family's key conversion
+    (:func:`hcvision.models.filter_checkpoint`); a misfit is a :class:`UsageError` naming ``source`` and ``name``."""
+    from .models import filter_checkpoint
+
+    try:
+        model.load_state_dict(filter_checkpoint(state, model), strict=True)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"{source} does not fit {name!r} ({_first_line(err)})") from None
+
+
 def load_model(path: PathLike, model_name: Optional[str] = None, model_kwargs: Optional[Dict[str, Any]] = None, *,
                ema: bool = True, family: str = "", what: str = "timm model", finite: bool = True,
                ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
@@ -313,8 +324,6 @@ def load_model(path: PathLike, model_name: Optional[str] = None, model_kwargs: O
     Returns ``(model, info)`` with ``info = {"weights": path, "sha256": ..., "model": name, "model_kwargs": ...,
     "metadata": ...}``.
     """
-    from .models import filter_checkpoint
-
     weights = resolve_weights(path, ema=ema)
     state, metadata = load_weights(weights, prefer_ema=ema)
     source = f"weights file {str(weights)!r}"
@@ -330,11 +339,7 @@ def load_model(path: PathLike, model_name: Optional[str] = None, model_kwargs: O
     model = create_model(name, kwargs, key=f"the model_kwargs of {source}")
     if finite:
         check_finite(state, source)
-    try:
-        state = filter_checkpoint(state, model)
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError) as err:
-        raise UsageError(f"{source} does not fit {name!r} ({_first_line(err)})") from None
+    load_state_into(model, state, source, name)
     model.eval().requires_grad_(False)
     info = {"weights": str(weights), "sha256": file_sha256(weights), "model": name, "model_kwargs": kwargs,
             "metadata": metadata}

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -43,6 +44,7 @@ from .diffusion import sample as diffusion_sample
 from .io import PathLike, atomic_write, load_model, write_json
 
 __all__ = ["class_labels", "decode_to_uint8", "generate", "load_dit", "make_grid", "sample_seed", "sample_to_dir",
+           "sample_and_score",
            "main"]
 
 Decoder = Callable[[Tensor], Tensor]
@@ -205,6 +207,23 @@ def sample_to_dir(
         result = (all_images, labels)
     state.wait_for_everyone()
     return result
+
+
+def sample_and_score(model: torch.nn.Module, out_dir: PathLike, num_samples: int, *, state: Any = None,
+                     reference: str = "", classifier: Optional[PathLike] = None, **generate_kwargs: Any
+                     ) -> dict:
+    """:func:`sample_to_dir` (collective), then on the main process :func:`hcvision.eval.score_samples` against
+    ``reference`` ('' = no scoring; ``"digits"``: the held-out digits in ``classifier``'s features). Returns the
+    sampling time, the output paths and the scores (main process; the others get time and paths)."""
+    out, t0 = Path(out_dir), time.perf_counter()
+    samples = sample_to_dir(model, out, num_samples, state=state, **generate_kwargs)
+    metrics = {"sample_seconds": round(time.perf_counter() - t0, 2), "sample_grid": str(out / "grid.png"),
+               "samples_npz": str(out / "samples.npz")}
+    if samples is not None and reference:
+        from .eval.metrics import score_samples
+
+        metrics.update(score_samples(*samples, reference=reference, classifier=classifier))
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------------

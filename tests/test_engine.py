@@ -27,7 +27,7 @@ from hcvision.engine import (
     step_seed,
     steps_per_epoch,
 )
-from hcvision.engine.config import load_yaml
+from hcvision.engine.config import checked, load_yaml
 from hcvision.cli import UsageError
 from hcvision.io import load_weights, save_safetensors, write_json
 from hcvision.eval.classification import TopKAccumulator, topk_accuracy, topk_correct, topk_hits
@@ -294,3 +294,36 @@ def test_run_logs_world_size_and_warns_when_the_launcher_started_fewer_processes
         run._check_launch()
     assert "warning: the launcher asked for several processes but 1 started" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing is written before the trainer is set up
+
+
+def test_checked_ranges_survive_a_subclass_default():
+    """A subclass that only changes a default (``epochs: int = 15`` in train_cls.py) keeps the base's range."""
+
+    @dataclass
+    class _Sub(_Cfg):
+        epochs: int = 15
+        ratio: float = checked(0.5, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+    assert parse_config(_Sub, []).epochs == 15
+    with pytest.raises(ConfigError, match=r"epochs=0 is not valid; expected an integer >= 1"):
+        parse_config(_Sub, ["epochs=0"])
+    with pytest.raises(ConfigError, match=r"ratio=1.5 is not valid; expected a number in \[0, 1\]"):
+        parse_config(_Sub, ["ratio=1.5"])
+    with pytest.raises(ConfigError, match=r"betas=\[0.9, 1.0\] is not valid"):  # tuples shown as the list one types
+        parse_config(_Sub, ["betas=[0.9, 1.0]"])
+
+
+def test_run_that_read_no_sample_is_a_usage_error_and_writes_no_results(tmp_path):
+    """Every batch unreadable (the loss counts 0 samples): exit 2 territory, not a results.json for an untrained
+    model."""
+    from hcvision.engine import Run
+
+    cfg = _Cfg(output_dir=str(tmp_path / "run"), global_batch_size=2, epochs=1, tensorboard=False,
+               progress_bar=False, diagnostics=False, data_dir="some/folder")
+    model = torch.nn.Linear(2, 2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), batch_size=2)
+    with Run(cfg, "train_x") as run:
+        trainer = run.trainer(model, loader, lambda m, batch: ((m(batch[0]) * 0.0).sum(), 0))
+        with pytest.raises(ConfigError, match=r"no training sample of data_dir='some/folder' could be read"):
+            run.fit(trainer)
+    assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "run" / "model.safetensors").exists()

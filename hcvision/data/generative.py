@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 from ..cli import UsageError
 from .digits import DigitsDataset
 
-__all__ = ["digits_pixels", "diffusion_dataset", "sample_decoder"]
+__all__ = ["digits_pixels", "diffusion_dataset", "check_model_fits", "check_decoder", "sample_decoder"]
 
 
 def digits_pixels(split: str) -> Dataset:
@@ -36,6 +36,38 @@ def diffusion_dataset(data_dir: str, seed: int = 0, hflip: bool = True
     info = {"mode": manifest["mode"], "data": data_dir, "vae": manifest["vae"],
             "scale_factor": manifest["scale_factor"]}
     return ds, tuple(manifest["sample_shape"]), list(manifest["classes"]), info
+
+
+def check_model_fits(model: str, model_kwargs: Dict[str, Any], sample_shape: Tuple[int, ...],
+                     num_classes: int) -> torch.nn.Module:
+    """The data's sample shape and class count must be what ``model`` takes; returns it built on the meta device."""
+    from ..io import create_model
+
+    declared = model_kwargs.get("num_classes")
+    if declared is not None and int(declared) != num_classes:
+        raise UsageError(f"model_kwargs.num_classes={declared!r} does not match the {num_classes} classes of the data "
+                         f"(class ids 0..{num_classes - 1}); drop it or use matching data")
+    built = create_model(model, {**model_kwargs, "num_classes": num_classes}, meta=True)
+    takes = (built.in_chans, *built.input_size)
+    if tuple(sample_shape) != takes:
+        raise UsageError(
+            f"the data's samples have shape {tuple(sample_shape)} but model={model!r} takes {takes}; choose a "
+            f"model for this input (e.g. a dit_* model for 4x32x32 SD-VAE latents of 256px images, dit_digits_2_* "
+            f"for the digits) or set model_kwargs.input_size={sample_shape[-1]} / model_kwargs.in_chans="
+            f"{sample_shape[0]}")
+    return built
+
+
+def check_decoder(info: Dict[str, Any], vae: str) -> None:
+    """Load the VAE that :func:`sample_decoder` will need after training, so a missing one fails before training."""
+    if info["mode"] == "pixels":
+        return
+    from .latents import load_vae
+
+    try:
+        load_vae(vae or info["vae"])
+    except Exception as e:  # noqa: BLE001  (missing, damaged or foreign: the message says which)
+        raise UsageError(f"{e} (or set eval_samples=0 to train without sampling)") from None
 
 
 def sample_decoder(info: Dict[str, Any], vae: str, device: torch.device

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from ..cli import UsageError
 from ..connections import reduce_streams
 
-__all__ = ["REPA", "RepaProjector", "DEFAULT_ENCODER", "load_repa_encoder", "base_model", "alignment_loss"]
+__all__ = ["REPA", "RepaProjector", "DEFAULT_ENCODER", "load_repa_encoder", "load_repa_encoder_for", "base_model",
+           "alignment_loss"]
 
 DEFAULT_ENCODER = "vit_base_patch14_dinov2"  # REPA's best encoder, DINOv2-B/14 (timm name)
 
@@ -164,3 +165,14 @@ def load_repa_encoder(path: str, model_name: str = DEFAULT_ENCODER, img_size: in
         return load_dinov2(path, model_name, model_kwargs, img_size=img_size, key="repa_encoder_model")[0]
     except UsageError as err:
         raise UsageError(f"repa_encoder={str(path)!r} cannot be loaded as {model_name!r} ({err})") from None
+
+
+def load_repa_encoder_for(dit: nn.Module, block: int, path: str, model_name: str = DEFAULT_ENCODER,
+                          **model_kwargs: Any) -> nn.Module:
+    """:func:`load_repa_encoder` sized for ``dit``: it reads images of the DiT's token grid times its own patch size
+    (REPA: 16 x 14 = 224 px for SiT-XL/2 at 256 px), and ``block`` (1-based) must be one of the DiT's."""
+    depth = len(dit.blocks)
+    if not 1 <= block <= depth:
+        raise UsageError(f"repa_block={block} is not valid; expected a block in 1..{depth} (model has {depth} blocks)")
+    patch = int(model_kwargs.get("patch_size", 14))  # DINOv2's patch is 14
+    return load_repa_encoder(path, model_name, img_size=dit.grid_size[0] * patch, **model_kwargs)

@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, Literal, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -29,6 +29,7 @@ from ..io import write_text
 __all__ = [
     "ConfigError",
     "require",
+    "checked",
     "BaseTrainConfig",
     "parse_config",
     "load_yaml",
@@ -48,6 +49,12 @@ class ConfigError(UsageError):
     """A user-facing configuration error; the message is one line and names the bad value."""
 
 
+def checked(default: Any, ok: Callable[[Any], bool], accepted: str) -> Any:
+    """A config field with its range: :meth:`BaseTrainConfig.validate` requires ``ok(value)`` and otherwise names
+    ``accepted`` (``lr: float = checked(1e-3, lambda v: v > 0, "a number > 0")``)."""
+    return field(default=default, metadata={"check": (ok, accepted)})
+
+
 @dataclass
 class BaseTrainConfig:
     """Fields every training loop of this project understands.
@@ -57,73 +64,68 @@ class BaseTrainConfig:
     """
 
     # -- model ---------------------------------------------------------------------------------
-    model: str = ""
+    model: str = checked("", bool, "a timm model name")
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     # -- run -----------------------------------------------------------------------------------
-    output_dir: str = "runs/default"
+    output_dir: str = checked("runs/default", bool, "a directory path")
     seed: int = 0
-    epochs: int = 1
-    max_steps: int = 0  # > 0: stop after this many optimiser steps; the LR schedule still spans `epochs`
-    resume: str = ""
+    epochs: int = checked(1, lambda v: v >= 1, "an integer >= 1")
+    # > 0: stop after this many optimiser steps; the LR schedule still spans `epochs`
+    max_steps: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: no limit)")
+    resume: str = checked("", lambda v: v in ("", "auto") or os.path.isdir(v), RESUME_HELP)
     # -- optimisation --------------------------------------------------------------------------
-    global_batch_size: int = 128
-    grad_accum_steps: int = 1
+    global_batch_size: int = checked(128, lambda v: v >= 1, "an integer >= 1")
+    grad_accum_steps: int = checked(1, lambda v: v >= 1, "an integer >= 1")
     opt: str = "adamw"
-    lr: float = 1e-3
-    betas: Tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    clip_grad: float = 0.0  # 0 disables clipping
+    lr: float = checked(1e-3, lambda v: v > 0 and _finite(v), "a finite number > 0")
+    betas: Tuple[float, float] = checked((0.9, 0.999), lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)")
+    eps: float = checked(1e-8, lambda v: v > 0, "a number > 0")
+    weight_decay: float = checked(0.05, lambda v: v >= 0, "a number >= 0")
+    lr_schedule: str = checked("cosine", lambda v: v in LR_SCHEDULES, f"one of {LR_SCHEDULES}")
+    warmup_steps: int = checked(0, lambda v: v >= 0, "an integer >= 0")
+    min_lr: float = 0.0  # in [0, lr]
+    clip_grad: float = checked(0.0, lambda v: v >= 0, "a number >= 0 (0 disables clipping)")
     # -- precision / hardware --------------------------------------------------------------------
-    mixed_precision: str = "no"
-    num_workers: int = 0
+    mixed_precision: str = checked("no", lambda v: v in MIXED_PRECISION, f"one of {MIXED_PRECISION}")
+    num_workers: int = checked(0, lambda v: v >= 0, "an integer >= 0")
     # -- EMA -------------------------------------------------------------------------------------
     ema: bool = False
-    ema_decay: float = 0.9999
+    ema_decay: float = checked(0.9999, lambda v: 0 < v < 1, "a number in (0, 1)")
     # -- checkpoints and logging -----------------------------------------------------------------
-    checkpoint_every: int = 0  # optimiser steps between checkpoints; 0: only at epoch ends
-    keep_checkpoints: int = 2
-    log_every: int = 10
+    # optimiser steps between checkpoints; 0: only at epoch ends
+    checkpoint_every: int = checked(0, lambda v: v >= 0, "an integer >= 0")
+    keep_checkpoints: int = checked(2, lambda v: v >= 1, "an integer >= 1")
+    log_every: int = checked(10, lambda v: v >= 1, "an integer >= 1")
     diagnostics: bool = True  # connection diagnostics (hcvision.analysis.diagnostics) every log_every steps
-    connection_lr_scale: float = 1.0  # LR multiplier for connection parameters (HC/FC/mHC)
+    # LR multiplier for connection parameters (HC/FC/mHC)
+    connection_lr_scale: float = checked(1.0, lambda v: v > 0 and _finite(v), "a finite number > 0")
     tensorboard: bool = True
     progress_bar: bool = True
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for values outside their accepted range."""
-        require(bool(self.model), "model", self.model, "a timm model name")
-        require(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        require(self.max_steps >= 0, "max_steps", self.max_steps, "an integer >= 0 (0: no limit)")
-        require(self.global_batch_size >= 1, "global_batch_size", self.global_batch_size, "an integer >= 1")
-        require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "an integer >= 1")
-        require(self.lr > 0 and _finite(self.lr), "lr", self.lr, "a finite number > 0")
-        require(all(0.0 <= b < 1.0 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)")
-        require(self.eps > 0, "eps", self.eps, "a number > 0")
-        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        require(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {LR_SCHEDULES}")
-        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+        """Raise :class:`ConfigError` for values outside their accepted range: first each :func:`checked` field,
+        then what depends on several fields (subclasses extend this)."""
+        for name, (ok, accepted) in _field_checks(type(self)).items():
+            value = getattr(self, name)
+            require(ok(value), name, list(value) if isinstance(value, tuple) else value, accepted)
         require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"a number in [0, lr={self.lr}]")
-        require(self.clip_grad >= 0, "clip_grad", self.clip_grad, "a number >= 0 (0 disables clipping)")
-        require(self.mixed_precision in MIXED_PRECISION, "mixed_precision", self.mixed_precision,
-                 f"one of {MIXED_PRECISION}")
-        require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
-        require(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "a number in (0, 1)")
-        require(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
-        require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
-        require(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
-        require(self.connection_lr_scale > 0 and _finite(self.connection_lr_scale), "connection_lr_scale",
-                self.connection_lr_scale, "a finite number > 0")
-        require(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
-        require(self.resume in ("", "auto") or os.path.isdir(self.resume), "resume", self.resume, RESUME_HELP)
         # The optimizer factory validates names itself, but only after the model was built: check early.
         from timm.optim import list_optimizers
 
         known = list_optimizers()
         if self.opt.lower() not in known:
             raise ConfigError(f"opt={self.opt!r} is not a timm optimizer{_suggest(self.opt, known)}")
+
+
+def _field_checks(cls: type) -> Dict[str, Tuple[Callable[[Any], bool], str]]:
+    """Each field's check, the most derived one: a subclass that only changes a default (``epochs: int = 100``)
+    keeps the range its base declared."""
+    checks: Dict[str, Tuple[Callable[[Any], bool], str]] = {}
+    for klass in reversed(cls.__mro__):
+        for f in getattr(klass, "__dataclass_fields__", {}).values():
+            if "check" in f.metadata:
+                checks[f.name] = f.metadata["check"]
+    return checks
 
 
 def _finite(x: float) -> bool:

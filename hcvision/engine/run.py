@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sized
 from typing import Any, Callable, Dict, Optional, Sequence, Type
 
 import torch
@@ -80,6 +81,10 @@ class Run:
                 eval_loaders: Sequence[Any] = ()) -> Trainer:
         """Optimizer, EMA, ``prepare``, a validated resume, then the first writes: config.yaml and trackers."""
         cfg, acc = self.cfg, self.acc
+        samples = len(train_loader.dataset) if isinstance(train_loader.dataset, Sized) else None
+        if samples is not None and len(train_loader) == 0:  # drop_last left no batch: training would do nothing
+            raise ConfigError(f"global_batch_size={cfg.global_batch_size} is larger than the {samples} training "
+                              f"samples ({self.batch_size} per device and micro-step); use a smaller batch")
         resume_dir = CheckpointManager(acc, cfg.output_dir).resolve(cfg.resume)
         if resume_dir is not None:
             validate_resume(resume_dir, model, cfg, ema=cfg.ema)  # everything a resume reads, before any write
@@ -100,10 +105,18 @@ class Run:
         return trainer
 
     def fit(self, trainer: Trainer) -> Optional[FitResult]:
-        """Train; ``None`` when the run stopped early (non-finite loss, signal), with :attr:`exit_code` set."""
+        """Train; ``None`` when the run stopped early (non-finite loss, signal), with :attr:`exit_code` set.
+
+        A run whose loss counted no sample at all (every file unreadable) is a :class:`ConfigError`: nothing was
+        trained, so no weights or results follow.
+        """
         t0 = time.perf_counter()
         result, self.exit_code = fit_to_exit_code(trainer, f"{self.name}.py")
         self.result, self.train_seconds = result, time.perf_counter() - t0
+        if not self.exit_code and result.state.images_seen == 0:
+            where = f" of data_dir={self.cfg.data_dir!r}" if hasattr(self.cfg, "data_dir") else ""
+            raise ConfigError(f"no training sample{where} could be read; nothing was trained and no weights or "
+                              "results are written")
         return None if self.exit_code else result
 
     # -- outputs -----------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Importing this package registers the ``hcv-inception-v3-compat``, ``hcv-digits``
 with torch-fidelity. The command line is ``python -m hcvision.eval.generative`` (not imported here, so ``-m`` runs it
 once).
 """
-from .classification import TopKAccumulator, topk_accuracy, topk_correct, topk_hits
+from .classification import (TopKAccumulator, evaluate, evaluate_with_ema, load_classifier_weights, topk_accuracy,
+                             topk_correct, topk_hits)
 from .dinov2 import DINOV2_EXTRACTOR, DINOV2_WEIGHTS_ENV, DinoV2FeatureExtractor, dinov2_preprocess, load_dinov2
 from .features import (
     DIGITS_CLASSIFIER_ENV,
@@ -17,6 +18,7 @@ from .features import (
     SafeInceptionV3,
     WeightsUnavailableError,
     class_accuracy,
+    check_digits_classifier,
     digits_preprocess,
     digits_to_uint8,
     load_digits_classifier,
@@ -32,12 +34,16 @@ from .metrics import (
     generative_metrics,
     metrics_from_stats,
     save_reference_stats,
+    score_samples,
 )
 from .npz import FeatureStats, load_image_folder, load_npz_samples, load_stats, save_npz_samples, save_stats
 from .provenance import PROVENANCE_KEYS, SAMPLING_KEYS, input_sha256, provenance_fields
 
 __all__ = [
     "TopKAccumulator",
+    "evaluate",
+    "evaluate_with_ema",
+    "load_classifier_weights",
     "topk_accuracy",
     "topk_correct",
     "topk_hits",
@@ -56,6 +62,7 @@ __all__ = [
     "GenerativeEvaluation",
     "SafeInceptionV3",
     "WeightsUnavailableError",
+    "check_digits_classifier",
     "class_accuracy",
     "cls_acc",
     "compute_stats",
@@ -78,4 +85,5 @@ __all__ = [
     "save_npz_samples",
     "save_reference_stats",
     "save_stats",
+    "score_samples",
 ]

@@ -1,15 +1,18 @@
-"""Top-k classification metrics.
+"""Top-k classification metrics, and the classifier evaluation ``train_cls.py`` runs.
 
 Counts (not means) are accumulated so results are exact when summed over batches and ranks;
 divide once at the end.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["topk_hits", "topk_correct", "topk_accuracy", "TopKAccumulator"]
+from ..cli import UsageError
+
+__all__ = ["topk_hits", "topk_correct", "topk_accuracy", "TopKAccumulator", "evaluate", "evaluate_with_ema",
+           "load_classifier_weights"]
 
 
 def topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
@@ -73,3 +76,49 @@ class TopKAccumulator:
         out: Dict[str, float] = {f"top{k}": 100.0 * c.item() / max(1, self.count) for k, c in zip(self.ks, self.correct)}
         out["num_samples"] = self.count
         return out
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Iterable, accelerator: Any, ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
+    """Top-k over a whole (sharded) split of ``(images, targets, unreadable count)`` batches.
+
+    Hits are gathered per sample, so ``gather_for_metrics`` drops the padding of an uneven split; unreadable files
+    arrive as target -1 and are left out (and counted under ``skipped_images``).
+    """
+    was_training = model.training
+    model.eval()
+    acc, skipped = TopKAccumulator(ks), 0
+    for x, y, n_bad in loader:
+        skipped += int(torch.as_tensor(n_bad).sum())  # per-sample counts under DDP stream dispatch
+        logits = model(x) if len(y) else torch.zeros(0, 1, device=y.device)
+        acc.add_hits(*accelerator.gather_for_metrics((topk_hits(logits, y, ks), y >= 0)))
+    model.train(was_training)
+    skipped_t = accelerator.reduce(torch.tensor([skipped], device=accelerator.device), reduction="sum")
+    return {**acc.compute(), "skipped_images": int(skipped_t.item())}
+
+
+def evaluate_with_ema(model: torch.nn.Module, ema_model: Optional[torch.nn.Module], loader: Iterable,
+                      accelerator: Any) -> Dict[str, float]:
+    """:func:`evaluate` for the trained weights, plus ``ema_top*`` for the EMA weights when there are some."""
+    metrics = evaluate(model, loader, accelerator)
+    if ema_model is not None:
+        metrics.update({f"ema_{k}": v for k, v in evaluate(ema_model, loader, accelerator).items() if "top" in k})
+    return metrics
+
+
+def load_classifier_weights(model: torch.nn.Module, checkpoint: str, model_name: str, num_classes: int) -> str:
+    """Load ``checkpoint`` (hcvision safetensors, a timm ``train.py`` checkpoint, a run or checkpoint directory) into
+    ``model`` for evaluation on data with ``num_classes`` classes; returns the file used. Every misfit (missing,
+    damaged, non-finite, another class count or model) is a :class:`UsageError`."""
+    from .. import io
+
+    path = io.resolve_weights(checkpoint, ema=False)
+    source = f"checkpoint {str(path)!r}"
+    state = io.unwrap_state_dict(io.load_weights(path)[0])
+    io.check_finite(state, source)
+    head = state.get(f"{model.pretrained_cfg.get('classifier', 'head')}.weight")
+    if head is not None and head.shape[0] != num_classes:
+        raise UsageError(f"{source} has {head.shape[0]} classes but the data has {num_classes}; evaluate on data "
+                         "with the same classes or pass a matching checkpoint")
+    io.load_state_into(model, state, source, model_name)
+    return str(path)

@@ -56,6 +56,7 @@ __all__ = [
     "SafeInceptionV3",
     "WeightsUnavailableError",
     "class_accuracy",
+    "check_digits_classifier",
     "default_digits_classifier_path",
     "digits_model_input",
     "digits_preprocess",
@@ -338,6 +339,23 @@ def default_digits_classifier_path() -> Path:
     from ..models._registry import weights_dir
 
     return weights_dir() / DEFAULT_DIGITS_CLASSIFIER
+
+
+def check_digits_classifier(path: PathLike = "") -> Path:
+    """The digits classifier a run will score its samples with (``path``, else :func:`default_digits_classifier_path`),
+    loaded once now so that a missing, damaged or foreign file is a :class:`UsageError` before training, not after."""
+    path = Path(path) if path else default_digits_classifier_path()
+    if not path.is_file():
+        raise UsageError(
+            f"the digits classifier {str(path)!r} does not exist; the demo scores its samples with it. Produce one "
+            f"with the classification demo (`python train_cls.py --config configs/cls/digits_dhc2.yaml "
+            f"output_dir=runs/clf` writes runs/clf/model.safetensors) and pass digits_classifier=PATH or set "
+            f"{DIGITS_CLASSIFIER_ENV}=PATH; or set eval_samples=0 to train without scoring")
+    try:
+        load_digits_classifier(path)
+    except Exception as e:  # noqa: BLE001  (corrupt file, foreign model: any failure means it cannot score)
+        raise UsageError(f"digits_classifier={str(path)!r} cannot be used: {e}") from None
+    return path
 
 
 def save_digits_classifier(

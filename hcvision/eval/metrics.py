@@ -56,6 +56,7 @@ __all__ = [
     "generative_metrics",
     "metrics_from_stats",
     "save_reference_stats",
+    "score_samples",
 ]
 
 Source = Union[PathLike, np.ndarray, torch.Tensor, FeatureStats]
@@ -557,6 +558,22 @@ def generative_metrics(gen: Source, ref: Optional[Source] = None, **kwargs: Any)
         UsageError: a bad input, count, label, option or weights file, found before any feature is computed.
     """
     return evaluate_generative(gen, ref, **kwargs).metrics
+
+
+def score_samples(images: np.ndarray, labels: np.ndarray, reference: str = "digits",
+                  classifier: Optional[PathLike] = None) -> dict[str, Any]:
+    """What ``train_dit.py`` reports for its samples (uint8 NHWC, requested ``labels``): FID, IS, precision and recall
+    against ``reference``, which is ``"digits"`` (the held-out digits in ``hcv-digits`` features of ``classifier``,
+    plus ``cls_acc``) or reference images / an ``.npz`` / statistics (Inception features). Adds ``reference``."""
+    if reference == "digits":
+        from ..data.generative import digits_pixels
+        from .features import digits_to_uint8
+
+        ref = digits_to_uint8((digits_pixels("val").images + 1.0) * 8.0)  # [-1, 1] -> sklearn's 0..16
+        scores = generative_metrics(images, ref.permute(0, 2, 3, 1).numpy(), feature_extractor=DIGITS_EXTRACTOR,
+                                    weights_path=classifier, gen_labels=labels, isc=True, fid=True, prc=True)
+        return {"reference": "digits held-out split", **scores}
+    return {"reference": reference, **generative_metrics(images, reference, isc=True, fid=True, prc=True)}
 
 
 def compute_stats(

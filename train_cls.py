@@ -52,8 +52,7 @@ class ClsConfig(BaseTrainConfig):
     data_root: str = ""  # hfds: the Hugging Face datasets cache (timm's --data-dir for hfds)
     train_split: str = "train"
     val_split: str = ""  # '' = 'val' for folders, 'validation' for wds/hfds (timm train.py's default)
-    # wds: samples per epoch when _info.json does not say (timm's --train-num-samples)
-    train_num_samples: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: from _info.json)")
+    train_num_samples: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: from _info.json)")  # wds epoch size
     digits_augment: bool = False  # +-1 pixel random translation (hurt top-1 on 8x8 digits in our runs)
     img_size: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: default)")  # 0: the model's (ImageFolder only)
     auto_augment: str = ""  # timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1' (ImageFolder only)

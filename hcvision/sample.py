@@ -40,6 +40,7 @@ from .cli import UsageError, run_cli
 from .eval.provenance import provenance_fields
 from .data.latents import VaeUnavailableError, process_state
 from .diffusion import DEFAULT_SAMPLER, SAMPLERS, objective_of, read_sampling_metadata
+from .diffusion.guidance import resolve_guidance_channels
 from .diffusion import sample as diffusion_sample
 from .io import PathLike, atomic_write, load_model, write_json
 
@@ -214,16 +215,16 @@ def sample_and_score(model: torch.nn.Module, out_dir: PathLike, num_samples: int
                      ) -> dict:
     """:func:`sample_to_dir` (collective), then on the main process :func:`hcvision.eval.score_samples` against
     ``reference`` ('' = no scoring; ``"digits"``: the held-out digits in ``classifier``'s features). Returns the
-    sampling time, the output paths and the scores (main process; the others get time and paths)."""
+    scores (main process only), then the sampling time and the output paths."""
     out, t0 = Path(out_dir), time.perf_counter()
     samples = sample_to_dir(model, out, num_samples, state=state, **generate_kwargs)
-    metrics = {"sample_seconds": round(time.perf_counter() - t0, 2), "sample_grid": str(out / "grid.png"),
-               "samples_npz": str(out / "samples.npz")}
+    scores = {}
     if samples is not None and reference:
         from .eval.metrics import score_samples
 
-        metrics.update(score_samples(*samples, reference=reference, classifier=classifier))
-    return metrics
+        scores = score_samples(*samples, reference=reference, classifier=classifier)
+    return {**scores, "sample_seconds": round(time.perf_counter() - t0, 2), "sample_grid": str(out / "grid.png"),
+            "samples_npz": str(out / "samples.npz")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,11 +339,8 @@ def run(args: argparse.Namespace) -> int:
         rec["guidance_interval"] or (0.0, 1.0))
     if not 0.0 <= interval[0] <= interval[1] <= 1.0:
         raise UsageError(f"--guidance-interval={list(interval)} is not valid; expected LO HI with 0 <= LO <= HI <= 1")
-    gc = args.guidance_channels if args.guidance_channels is not None else rec["guidance_channels"]
-    if gc is None and model.in_chans == 4:
-        gc = 3  # DiT guides the first 3 of the 4 latent channels
-    if gc is not None and not 1 <= gc <= model.in_chans:
-        raise UsageError(f"--guidance-channels={gc} is not valid; expected 1..{model.in_chans}")
+    gc = resolve_guidance_channels(args.guidance_channels if args.guidance_channels is not None
+                                   else rec["guidance_channels"], model.in_chans, "--guidance-channels")
     classes = parse_classes(args.classes, model.num_classes)
     vae_spec = args.vae
     if vae_spec == "auto":

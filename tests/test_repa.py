@@ -12,7 +12,7 @@ import hcvision.models.dit  # noqa: F401  (registers the DiT names)
 from hcvision.cli import UsageError
 from hcvision.connections import expand_streams, reduce_streams
 from hcvision.diffusion import make_objective
-from hcvision.diffusion.repa import REPA, base_model, load_repa_encoder
+from hcvision.diffusion.repa import REPA, base_model, load_repa_encoder, load_repa_encoder_for
 
 TINY = dict(embed_dim=32, depth=3, num_heads=2)
 
@@ -99,6 +99,10 @@ def test_bad_options_and_missing_encoder_file_are_clear_errors(tmp_path):
     model, enc = tiny_dit(), stand_in_encoder()
     with pytest.raises(ValueError, match=r"repa_block=4 is not valid; expected an int in \[1, 3\]"):
         REPA(model, enc, block=4)
+    with pytest.raises(UsageError, match=r"repa_block=4 is not valid; expected a block in 1..3"):  # before loading
+        load_repa_encoder_for(model, 4, str(tmp_path / "nope.safetensors"))
+    with pytest.raises(UsageError, match=r"data_dir='lat/' holds vae latents only; use pixel data or repa_weight=0"):
+        load_repa_encoder_for(model, 1, "", data={"mode": "vae", "data": "lat/"})
     with pytest.raises(ValueError, match=r"repa_weight=-1"):
         REPA(model, enc, block=1, weight=-1.0)
     with pytest.raises(RuntimeError, match="forward call first"):

@@ -209,7 +209,7 @@ def test_bad_objective_sampler_and_repa_inputs_exit_2_and_write_nothing(tmp_path
     assert "objective='sit'" in err(["objective=sit"])
     assert "'uniform' for objective=ddpm" in err(["time_sampling=logit_normal"])
     assert "guidance_interval=[0.8, 0.2]" in err(["guidance_interval=[0.8,0.2]"])
-    assert "guidance_channels=2 is not valid; expected 0 (auto) or k <= 1" in err(["guidance_channels=2"])  # 1x8x8
+    assert "guidance_channels=2 is not valid; expected 1..1" in err(["guidance_channels=2"])  # 1x8x8 digits
     assert "global_batch_size=4096 is larger than the" in err(["global_batch_size=4096"])  # checked by the engine
     missing = tmp_path / "dinov2.safetensors"
     assert f"repa_encoder={str(missing)!r} does not exist" in err(["repa_weight=0.5", "repa_block=1",

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["Guidance", "guided_output", "check_guidance_channels"]
+__all__ = ["Guidance", "guided_output", "check_guidance_channels", "resolve_guidance_channels"]
 
 
 def check_guidance_channels(guidance_channels: Optional[int], channels: int) -> int:
@@ -36,6 +36,21 @@ def check_guidance_channels(guidance_channels: Optional[int], channels: int) -> 
             or not (1 <= guidance_channels <= channels):
         raise ValueError(f"guidance_channels must be None (all) or an int in [1, {channels}], "
                          f"got {guidance_channels!r}")
+    return guidance_channels
+
+
+def resolve_guidance_channels(guidance_channels: Optional[int], channels: int, key: str = "guidance_channels"
+                              ) -> Optional[int]:
+    """A user's choice of guided channels for samples with ``channels`` channels: ``None`` or 0 is automatic (DiT's
+    first 3 of the 4 SD-VAE latent channels, else all, returned as ``None``), otherwise an int in ``[1, channels]``;
+    anything else is a :class:`~hcvision.cli.UsageError` naming ``key``."""
+    from ..cli import UsageError
+
+    if not guidance_channels:
+        return 3 if channels == 4 else None
+    if not 1 <= guidance_channels <= channels:
+        raise UsageError(f"{key}={guidance_channels} is not valid; expected 1..{channels} (the samples have "
+                         f"{channels} channels) or automatic (3 of 4 latent channels, else all)")
     return guidance_channels
 
 

@@ -168,9 +168,14 @@ def load_repa_encoder(path: str, model_name: str = DEFAULT_ENCODER, img_size: in
 
 
 def load_repa_encoder_for(dit: nn.Module, block: int, path: str, model_name: str = DEFAULT_ENCODER,
-                          **model_kwargs: Any) -> nn.Module:
+                          data: Optional[Dict[str, Any]] = None, **model_kwargs: Any) -> nn.Module:
     """:func:`load_repa_encoder` sized for ``dit``: it reads images of the DiT's token grid times its own patch size
-    (REPA: 16 x 14 = 224 px for SiT-XL/2 at 256 px), and ``block`` (1-based) must be one of the DiT's."""
+    (REPA: 16 x 14 = 224 px for SiT-XL/2 at 256 px), and ``block`` (1-based) must be one of the DiT's. ``data`` (the
+    trainer's data info) must be pixels: the encoder sees the clean images, which a latent directory does not hold."""
+    mode = (data or {}).get("mode", "pixels")
+    if mode != "pixels":
+        raise UsageError(f"REPA (repa_weight > 0) needs the clean images for its encoder, but data_dir="
+                         f"{data.get('data')!r} holds {mode} latents only; use pixel data or repa_weight=0")
     depth = len(dit.blocks)
     if not 1 <= block <= depth:
         raise UsageError(f"repa_block={block} is not valid; expected a block in 1..{depth} (model has {depth} blocks)")

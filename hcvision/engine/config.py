@@ -88,6 +88,8 @@ class BaseTrainConfig:
     # -- precision / hardware --------------------------------------------------------------------
     mixed_precision: str = checked("no", lambda v: v in MIXED_PRECISION, f"one of {MIXED_PRECISION}")
     num_workers: int = checked(0, lambda v: v >= 0, "an integer >= 0")
+    # torch intra-op threads when training on CPU; 0 = torch's default (one per core)
+    cpu_threads: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: default)")
     # -- EMA -------------------------------------------------------------------------------------
     ema: bool = False
     ema_decay: float = checked(0.9999, lambda v: 0 < v < 1, "a number in (0, 1)")

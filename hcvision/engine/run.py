@@ -49,6 +49,8 @@ class Run:
                            "command": [os.path.basename(sys.argv[0]), *sys.argv[1:]]}
         self.model: Optional[torch.nn.Module] = None
         self.ema: Any = None
+        if self.acc.device.type == "cpu" and cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
         seed_everything(cfg.seed)  # same initial weights on every rank and for every rerun
 
     @property

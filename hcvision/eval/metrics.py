@@ -572,8 +572,8 @@ def score_samples(images: np.ndarray, labels: np.ndarray, reference: str = "digi
         ref = digits_to_uint8((digits_pixels("val").images + 1.0) * 8.0)  # [-1, 1] -> sklearn's 0..16
         scores = generative_metrics(images, ref.permute(0, 2, 3, 1).numpy(), feature_extractor=DIGITS_EXTRACTOR,
                                     weights_path=classifier, gen_labels=labels, isc=True, fid=True, prc=True)
-        return {"reference": "digits held-out split", **scores}
-    return {"reference": reference, **generative_metrics(images, reference, isc=True, fid=True, prc=True)}
+        return {**scores, "reference": "digits held-out split"}
+    return {**generative_metrics(images, reference, isc=True, fid=True, prc=True), "reference": reference}
 
 
 def compute_stats(

@@ -41,8 +41,8 @@ def batch(n: int = 3):
 @pytest.mark.parametrize("kind", ["res", "shc2", "dfc2", "mhc2"])
 def test_aligned_feature_is_the_blocks_stream_readout_and_loss_is_negative_cosine(kind):
     model, enc = tiny_dit(kind), stand_in_encoder()
-    repa = REPA(model, enc, block=2, weight=0.5, projector_dim=16)
-    x, y = batch()
+    repa = REPA(model, enc, block=2, weight=0.5, projector_dim=16).eval()  # no random label dropout: the hand
+    x, y = batch()                                                          # computation below sees the same labels
     t = torch.tensor([10, 500, 990])
     out = repa(x, t, y)
     torch.testing.assert_close(out, model(x, t, y))  # the wrapper's forward is the DiT's
@@ -93,6 +93,29 @@ def test_encoder_never_trains_and_never_enters_a_state_dict():
     opt.step()
     for k, v in enc.state_dict().items():
         assert torch.equal(v, enc_before[k])
+
+
+def test_ema_copy_shares_the_frozen_encoder_and_the_bare_dit_skips_the_projector():
+    """train_dit keeps an fp32 EMA (timm's ModelEmaV3, a deep copy) of the REPA wrapper: the copy must not hold a second
+    encoder (DINOv2-B: ~350 MB), and sampling with a bare DiT (its EMA copy included) must not run the projector."""
+    from hcvision.engine import create_ema
+
+    model, enc = tiny_dit("shc2"), stand_in_encoder()
+    repa = REPA(model, enc, block=1, weight=0.5, projector_dim=16)
+    ema = create_ema(repa, 0.9)
+    assert repa.encoder is enc and ema.module.encoder is enc
+    assert ema.module.model is not model and set(ema.module.state_dict()) == set(repa.state_dict())
+    x, y = batch()
+    t = torch.tensor([10, 500, 990])
+    repa(x, t, y)
+    assert repa._projected is not None
+    for wrapper in (repa, ema.module):
+        wrapper._projected = None
+        wrapper.model(x, t, y)  # the hook stays registered but does nothing outside the wrapper's forward
+        assert wrapper._projected is None
+    ema.update(repa)
+    repa(x, t, y)
+    assert repa._projected is not None and repa.alignment_loss(x).shape == (3,)
 
 
 def test_bad_options_and_missing_encoder_file_are_clear_errors(tmp_path):

@@ -131,7 +131,8 @@ def run(cfg: ClsConfig) -> int:
             run.print(json.dumps({"model": cfg.model, "checkpoint": weights, "data": data.describe(), **start,
                                   **metrics}))
             return 0
-        train_loader = make_loader(train_set, run.batch_size, train=True, num_workers=cfg.num_workers, collate=collate)
+        train_loader = make_loader(train_set, run.batch_size, train=True, num_workers=cfg.num_workers, collate=collate,
+                                   rank=run.acc.process_index, world_size=run.acc.num_processes)
         loss_fn = ClsLoss(cfg, num_classes)
         trainer = run.trainer(model, train_loader, loss_fn, eval_loaders=[val_loader],
                               evaluate_fn=lambda m, e: evaluate_with_ema(m, e, run.eval_loaders[0], run.acc))

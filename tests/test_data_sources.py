@@ -204,26 +204,60 @@ def test_loader_for_map_and_stream_sources(shards):
     assert make_loader(list(range(10)), 4, train=False).drop_last is False
 
 
+def _rank_samples(root: Path, rank: int, world: int, epoch: int = 0, batch: int = 16) -> List[Tuple[bytes, int]]:
+    stream, _ = wds_dataset(parse_data(f"wds/{root}"), "train", None, training=True, seed=3, mode="L")
+    stream.configure(batch_size=batch, num_workers=0, rank=rank, world_size=world)
+    stream.set_epoch(epoch)
+    return [(np.asarray(img).tobytes(), y) for img, y in stream]
+
+
+def test_each_process_streams_its_own_shards(tmp_path):
+    """Training with 2 processes over 4 shards: each reads 2 of them, disjoint, together the whole split once per epoch
+    (as timm's train.py splits shards); 3 shards: both still yield 96 samples (one starts its shard over), with a
+    warning; fewer shards than readers is an error naming what is accepted."""
+    even = write_shards(tmp_path / "even", {"train": digits_png("train", N_TRAIN)}, per_shard=48)
+    r0, r1 = _rank_samples(even, 0, 2), _rank_samples(even, 1, 2)
+    assert len(r0) == len(r1) == N_TRAIN // 2
+    everything = sorted((png, label) for png, label in _rank_samples(even, 0, 1))
+    assert sorted(r0 + r1) == everything and not set(r0) & set(r1)
+    assert _rank_samples(even, 1, 2) == r1 and _rank_samples(even, 1, 2, epoch=1) != r1  # a function of the epoch
+    uneven = write_shards(tmp_path / "uneven", {"train": digits_png("train", N_TRAIN)}, per_shard=64)
+    with pytest.warns(RuntimeWarning, match="3 shards over 2 readers"):
+        counts = [len(_rank_samples(uneven, r, 2)) for r in (0, 1)]
+    assert counts == [N_TRAIN // 2] * 2  # the same number of steps on every process: DDP cannot wait forever
+    stream, _ = wds_dataset(parse_data(f"wds/{uneven}"), "train", None, training=True)
+    with pytest.raises(UsageError, match=r"3 shard\(s\) cannot feed 2 processes x 2 loader worker\(s\).*at least 4"):
+        stream.configure(batch_size=16, num_workers=2, rank=0, world_size=2)
+
+
 @pytest.mark.slow
-def test_wds_two_processes_match_one(tmp_path, shards):
-    """torchrun with 2 processes over shards: Accelerate dispatches rank 0's stream in per-rank slices, so the
-    run sees the batches of a one-process run with the same global batch and ends with the same weights' scores;
-    the validation split is counted once (gather_for_metrics drops the padding of the last, uneven batch)."""
-    # (found by this test: the per-batch skip count must be a per-sample tensor for Accelerate to dispatch it)
+def test_wds_two_processes_read_their_shards_and_resume_exactly(tmp_path):
+    """torchrun with 2 processes over 4 shards: each process streams its own shards (no rank-0 dispatch), every
+    process runs the same number of steps, validation (read by rank 0 and dispatched) counts each image once
+    (gather_for_metrics drops the padding of the last, uneven batch), and a run stopped after 3 steps and resumed
+    ends with the uninterrupted run's weights, bit for bit."""
     import os
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    args = TINY + [f"data_dir=wds/{shards}", "epochs=1", "warmup_steps=2", "lr=2e-3", "eval_batch_size=12"]
-    assert train_cls.main(args + [f"output_dir={tmp_path / 'one'}"]) == 0
+    root = write_shards(tmp_path / "digits", {"train": digits_png("train", N_TRAIN),
+                                              "validation": digits_png("val", N_VAL)}, per_shard=48)
+    args = TINY + [f"data_dir=wds/{root}", "epochs=2", "warmup_steps=2", "lr=2e-3", "eval_batch_size=12"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(repo / "train_cls.py"), *args, f"output_dir={tmp_path / 'two'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = _results(tmp_path / "one"), _results(tmp_path / "two")
-    assert two["num_processes"] == 2 and two["per_device_batch"] == 16
-    assert (two["global_step"], two["num_samples"]) == (one["global_step"], one["num_samples"]) == (N_TRAIN // 32, N_VAL)
-    # the same batches; DDP averages two half-batch gradients, so allow one image's worth of rounding drift
-    assert two["top1"] == pytest.approx(one["top1"], abs=100 / N_VAL + 1e-9)
+
+    def torchrun(*extra: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(repo / "train_cls.py"), *args, *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    torchrun(f"output_dir={tmp_path / 'full'}")
+    torchrun(f"output_dir={tmp_path / 'split'}", "max_steps=3", "checkpoint_every=3")
+    torchrun(f"output_dir={tmp_path / 'split'}", "resume=auto")
+    full, split = _results(tmp_path / "full"), _results(tmp_path / "split")
+    assert full["num_processes"] == 2 and full["per_device_batch"] == 16
+    assert (full["global_step"], full["images_seen"], full["num_samples"]) == (2 * N_TRAIN // 32, 2 * N_TRAIN, N_VAL)
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert split["top1"] == full["top1"]

@@ -183,23 +183,46 @@ def _wds_num_samples(source: DataSource, info: dict, split: str, num_samples: in
 
 
 class ShardStream(IterableDataset):
-    """timm's WebDataset stream whose epoch ``e`` is a function of ``(seed, e)`` (and the worker layout) only.
+    """timm's WebDataset stream whose epoch ``e`` is a function of ``(seed, e)`` (and the process/worker layout) only.
 
     timm shuffles shards with ``seed + epoch`` (``set_epoch``), but seeds its sample-shuffle buffer once per process,
     so in a new process epoch ``e`` would come in another order; and timm's random transforms draw from the global
     RNGs. Here the pipeline is rebuilt at each epoch in the main process (worker processes get a fresh copy of it
     anyway, seeded from :attr:`generator`, which ``set_epoch`` reseeds), and the ``i``-th sample of a worker's stream
-    is transformed under a seed of ``(seed, epoch, worker, i)``.
+    is transformed under a seed of ``(seed, epoch, global worker, i)``.
+
+    Training with several processes (:meth:`configure` with ``world_size > 1``): like timm's ``train.py``, each
+    process reads its own shards (timm assigns shard ``k`` to global worker ``k mod (processes x workers)``), so data
+    loading scales with the processes instead of funnelling through rank 0; :attr:`reads_own_shards` tells the engine
+    to put the loader on the device without re-sharding or dispatching it. Every worker yields exactly timm's
+    per-worker count (starting its shards over when they hold fewer), so every process runs the same number of steps.
     """
 
     def __init__(self, dataset: Any, transform: Optional[Callable], seed: int, name: str) -> None:
         self.dataset, self.transform, self.seed, self.name = dataset, transform, int(seed), name
-        self.epoch = 0
+        self.epoch, self.rank, self.world_size = 0, 0, 1
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def configure(self, batch_size: int, num_workers: int) -> None:
-        """Per-device batch and loader workers: timm rounds each worker's samples to whole batches."""
-        self.dataset.reader.batch_size = batch_size
+    @property
+    def reads_own_shards(self) -> bool:
+        return self.world_size > 1
+
+    def configure(self, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1) -> None:
+        """Per-device batch, loader workers and, for training, this process's place among ``world_size``."""
+        reader = self.dataset.reader
+        if world_size > 1 and reader.is_training:
+            shards, readers = len(reader.split_info.filenames), world_size * max(1, num_workers)
+            if shards < readers:
+                raise UsageError(f"{self.name}: {shards} shard(s) cannot feed {world_size} processes x "
+                                 f"{max(1, num_workers)} loader worker(s), as each reads its own shards; accepted: at "
+                                 f"least {readers} shards, or fewer num_workers")
+            if shards % readers:
+                warnings.warn(f"{self.name}: {shards} shards over {readers} readers (processes x workers) is uneven: "
+                              "each epoch repeats some samples and leaves out others; use a multiple of "
+                              f"{readers} shards", RuntimeWarning, stacklevel=2)
+            self.rank, self.world_size = int(rank), int(world_size)
+            reader.dist_rank, reader.dist_num_replicas = self.rank, self.world_size
+        reader.batch_size = batch_size
         self.dataset.set_loader_cfg(num_workers=num_workers)
 
     def set_epoch(self, epoch: int) -> None:
@@ -210,12 +233,30 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _samples(self) -> Iterator[Tuple[Any, int]]:
+        reader = self.dataset.reader
+        if not reader.is_training:
+            yield from self.dataset
+            return
+        # timm's count for this worker (with_epoch stops there, but a worker whose shards hold fewer stops early)
+        want, n = reader._num_samples_per_worker(), 0
+        while n < want:
+            reader.ds = None  # (re)build the pipeline of this epoch: same seed, same order
+            start = n
+            for item in self.dataset:
+                yield item
+                n += 1
+                if n == want:
+                    return
+            if n == start:
+                raise RuntimeError(f"{self.name}: loader worker {reader.global_worker_id} has no sample to read")
+
     def __iter__(self) -> Iterator[Tuple[Any, int]]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        worker = self.rank * (info.num_workers if info is not None else 1) + (info.id if info is not None else 0)
         if info is None:
             self.dataset.reader.ds = None  # timm builds its pipeline lazily: rebuild it for this epoch
-        for i, (image, target) in enumerate(self.dataset):
+        for i, (image, target) in enumerate(self._samples()):
             if self.transform is not None:
                 image = seeded_call(self.transform, image, (self.seed, self.epoch, worker, i))
             yield image, int(target)
@@ -246,20 +287,21 @@ def wds_dataset(source: DataSource, split: str, transform: Optional[Callable], *
 # ----------------------------------------------------------------------------------------------------------------
 def collate_stream(batch: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Collate stream samples as ``(images, targets, skipped)``; ``skipped`` is per sample (zeros: timm drops bad
-    samples before they get here), so that Accelerate's batch dispatch can concatenate and slice it: with several
-    processes, rank 0 reads the stream and sends each rank its slice (timm's reader is built before the process
-    group exists, so it reads every shard)."""
+    samples before they get here), so that Accelerate's batch dispatch can concatenate and slice it: a validation
+    stream is read by rank 0, which sends each rank its slice (exact counts; training streams read their own
+    shards)."""
     images, targets = default_collate(batch)
     return images, targets, torch.zeros(len(targets), dtype=torch.long)
 
 
 def make_loader(dataset: Any, batch_size: int, *, train: bool, num_workers: int = 0,
-                collate: Callable = collate_skip_bad) -> DataLoader:
+                collate: Callable = collate_skip_bad, rank: int = 0, world_size: int = 1) -> DataLoader:
     """The train or validation loader of any source: map-style sets are shuffled (training) by Accelerate's seedable
-    sampler after ``prepare``; a :class:`ShardStream` shuffles itself. Validation batches keep their shape when a
-    file is unreadable (``keep_size``), as ``gather_for_metrics`` needs."""
+    sampler after ``prepare``; a :class:`ShardStream` shuffles itself and, for training among ``world_size``
+    processes, reads process ``rank``'s own shards. Validation batches keep their shape when a file is unreadable
+    (``keep_size``), as ``gather_for_metrics`` needs."""
     if isinstance(dataset, ShardStream):
-        dataset.configure(batch_size, num_workers)
+        dataset.configure(batch_size, num_workers, rank=rank, world_size=world_size if train else 1)
         return DataLoader(dataset, batch_size=batch_size, drop_last=train, num_workers=num_workers,
                           collate_fn=collate_stream, generator=dataset.generator)
     if not train and collate is collate_skip_bad:

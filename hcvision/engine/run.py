@@ -93,7 +93,17 @@ class Run:
         self._check_launch()
         optimizer = build_optimizer(model, cfg)
         self.ema = create_ema(model, cfg.ema_decay, device=acc.device) if cfg.ema else None
-        model, optimizer, train_loader, *eval_loaders = acc.prepare(model, optimizer, train_loader, *eval_loaders)
+        if getattr(train_loader.dataset, "reads_own_shards", False):
+            # A stream that reads this process's own shards (data.sources.ShardStream): onto the device as it is;
+            # Accelerate's prepare would dispatch rank 0's stream or re-shard this one.
+            from accelerate.data_loader import prepare_data_loader
+
+            train_loader = prepare_data_loader(train_loader, acc.device, num_processes=1, process_index=0,
+                                               put_on_device=True, dispatch_batches=False)
+            model, optimizer, *eval_loaders = acc.prepare(model, optimizer, *eval_loaders)
+        else:
+            model, optimizer, train_loader, *eval_loaders = acc.prepare(model, optimizer, train_loader,
+                                                                        *eval_loaders)
         self.model, self.eval_loaders = model, eval_loaders
         if self.is_main:  # from here on the run writes into output_dir
             save_config(cfg, self.out / "config.yaml")

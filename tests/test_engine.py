@@ -327,3 +327,37 @@ def test_run_that_read_no_sample_is_a_usage_error_and_writes_no_results(tmp_path
         with pytest.raises(ConfigError, match=r"no training sample of data_dir='some/folder' could be read"):
             run.fit(trainer)
     assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_layer_decay_scales_each_layer_like_beit_and_composes_with_the_connection_scale():
+    """``layer_decay=d`` on a depth-3 DHC ViT: patch embedding / cls token / position embedding at d^4, block i at
+    d^(3-i), final norm and head at 1 (BEiT's layer-wise decay, timm's --layer-decay), each connection parameter at its
+    block's scale times connection_lr_scale; weight decay as without it."""
+    import timm
+
+    import hcvision  # noqa: F401
+    from hcvision.connections import Connection
+    from hcvision.engine import build_optimizer
+
+    d, depth, lr = 0.5, 3, 1e-3
+    model = timm.create_model("vit_digits_patch2_8_dhc2", embed_dim=32, depth=depth)
+    conn = {id(p) for m in model.modules() if isinstance(m, Connection) for p in m.parameters()}
+    opt = build_optimizer(model, _Cfg(model="vit_digits_patch2_8_dhc2", lr=lr, weight_decay=0.05, layer_decay=d,
+                                      connection_lr_scale=0.1))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    plain = build_optimizer(model, _Cfg(model="vit_digits_patch2_8_dhc2", lr=lr, weight_decay=0.05))
+    plain_wd = {id(p): g["weight_decay"] for g in plain.param_groups for p in g["params"]}
+    assert sorted(lr_of) == sorted(id(p) for p in model.parameters())
+    for name, p in model.named_parameters():
+        if name.startswith(("patch_embed", "cls_token", "pos_embed")):
+            scale = d ** (depth + 1)
+        elif name.startswith("blocks."):
+            scale = d ** (depth - int(name.split(".")[1]))
+        else:  # norm, head and anything after the blocks
+            scale = 1.0
+        expected = lr * scale * (0.1 if id(p) in conn else 1.0)
+        assert lr_of[id(p)] == pytest.approx(expected), name
+        assert wd_of[id(p)] == plain_wd[id(p)], name
+    with pytest.raises(ConfigError, match=r"layer_decay=0.0 is not valid; expected a number in \(0, 1\]"):
+        parse_config(_Cfg, ["layer_decay=0"])

@@ -101,6 +101,8 @@ class BaseTrainConfig:
     diagnostics: bool = True  # connection diagnostics (hcvision.analysis.diagnostics) every log_every steps
     # LR multiplier for connection parameters (HC/FC/mHC)
     connection_lr_scale: float = checked(1.0, lambda v: v > 0 and _finite(v), "a finite number > 0")
+    # layer-wise LR decay (BEiT; timm's --layer-decay): block i of L gets lr * layer_decay^(L - i); 1 = off
+    layer_decay: float = checked(1.0, lambda v: 0 < v <= 1, "a number in (0, 1] (1: off; ViT fine-tuning: 0.65-0.75)")
     tensorboard: bool = True
     progress_bar: bool = True
 

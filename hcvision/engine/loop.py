@@ -90,25 +90,36 @@ def build_optimizer(model: torch.nn.Module, cfg: BaseTrainConfig) -> torch.optim
 
     The HC/FC ViTs list their static connection parameters in ``no_weight_decay()`` (the paper's
     recipe; decaying them was seen to diverge), so the factory's grouping is the paper's.
-    ``connection_lr_scale`` multiplies the LR of every connection parameter (their own param groups).
+    ``connection_lr_scale`` multiplies the LR of every connection parameter (their own param groups);
+    ``layer_decay < 1`` scales each layer's LR the way timm's ``--layer-decay`` does (BEiT's layer-wise decay over
+    the model's ``group_matcher``: the stem ``layer_decay^(L+1)``, block ``i`` ``layer_decay^(L-i)``, the head 1), and
+    a connection parameter inside a block gets its block's scale times ``connection_lr_scale``.
     """
-    from timm.optim import create_optimizer_v2, param_groups_weight_decay
+    from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 
     from ..connections import Connection
 
     kwargs: Dict[str, Any] = {}
     if "adam" in cfg.opt.lower() or "lamb" in cfg.opt.lower():
         kwargs.update(betas=tuple(cfg.betas), eps=cfg.eps)
-    if cfg.connection_lr_scale == 1.0:
+    layer_decay = getattr(cfg, "layer_decay", 1.0)
+    if cfg.connection_lr_scale == 1.0 and layer_decay == 1.0:
         return create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    if layer_decay < 1.0:
+        base_groups = param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=skip,
+                                               layer_decay=layer_decay)
+    else:
+        base_groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
     conn = {id(p) for m in model.modules() if isinstance(m, Connection) for p in m.parameters()}
     groups = []
-    for group in param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip):
+    for group in base_groups:
+        scale = group.pop("lr_scale", 1.0)  # applied here: the trainer sets every group's LR from its initial LR
         for is_conn in (False, True):
             params = [p for p in group["params"] if (id(p) in conn) == is_conn]
             if params:
-                groups.append({**group, "params": params, "lr": cfg.lr * (cfg.connection_lr_scale if is_conn else 1)})
+                lr = cfg.lr * scale * (cfg.connection_lr_scale if is_conn else 1.0)
+                groups.append({**group, "params": params, "lr": lr})
     return create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=0.0, **kwargs)
 
 
@@ -197,7 +208,7 @@ class Trainer:
         f = lr_factor(step, self.total_steps, self.cfg.warmup_steps, self.cfg.lr_schedule, min_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * f
-        return self.optimizer.param_groups[0]["lr"]
+        return self.cfg.lr * f  # the base LR (groups may be scaled by layer or connection)
 
     def _any_rank(self, *flags: bool) -> List[bool]:
         """OR of each flag over ranks (one small all-reduce; none on a single process)."""

@@ -54,7 +54,7 @@ def test_aligned_feature_is_the_blocks_stream_readout_and_loss_is_negative_cosin
             H = blk(H, c)
         tokens = reduce_streams(H, model.connection)
         projected = repa.projector(tokens)
-    torch.testing.assert_close(repa._projected, projected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(repa.projected_tokens(), projected, rtol=1e-5, atol=1e-6)
     feats = repa.encode(x)
     assert feats.shape == (3, 16, 24)  # the encoder's 4x4 patch grid = the DiT's 4x4 token grid
     p, f = projected.double().numpy(), feats.double().numpy()
@@ -108,14 +108,14 @@ def test_ema_copy_shares_the_frozen_encoder_and_the_bare_dit_skips_the_projector
     x, y = batch()
     t = torch.tensor([10, 500, 990])
     repa(x, t, y)
-    assert repa._projected is not None
+    assert repa._captured is not None
     for wrapper in (repa, ema.module):
-        wrapper._projected = None
-        wrapper.model(x, t, y)  # the hook stays registered but does nothing outside the wrapper's forward
-        assert wrapper._projected is None
+        wrapper._captured = None
+        wrapper.model(x, t, y)  # the hook stays registered but keeps nothing outside the wrapper's forward
+        assert wrapper._captured is None
     ema.update(repa)
     repa(x, t, y)
-    assert repa._projected is not None and repa.alignment_loss(x).shape == (3,)
+    assert repa._captured is not None and repa.alignment_loss(x).shape == (3,)
 
 
 def test_bad_options_and_missing_encoder_file_are_clear_errors(tmp_path):

@@ -103,7 +103,7 @@ class REPA(nn.Module):
         pe = _encoder_patch_size(encoder)
         self.encoder_input_size = tuple(g * p for g, p in zip(model.grid_size, pe))
         self.projector = RepaProjector(model.embed_dim, int(encoder.embed_dim), projector_dim)
-        self._projected: Optional[Tensor] = None
+        self._captured: Optional[Tensor] = None
         self._hook = model.blocks[block - 1].register_forward_hook(self._capture)
 
     @property
@@ -111,10 +111,19 @@ class REPA(nn.Module):
         return self._frozen.module
 
     def _capture(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
-        if not self._capturing:  # the DiT called on its own (sampling, an EMA copy): no projector work
-            return
-        tokens = output if output.ndim == 3 else reduce_streams(output, self.model.connection)  # (B, T, C)
-        self._projected = self.projector(tokens)
+        # Only a reference, no computation: under gradient checkpointing this hook runs inside the checkpointed
+        # region, whose recomputation must save the same tensors; the DiT called on its own (sampling, an EMA copy)
+        # or a recomputed block keeps nothing.
+        if self._capturing:
+            self._captured = output
+
+    def projected_tokens(self) -> Tensor:
+        """``h_phi(h_t)``: the projector on the aligned block's tokens of the last forward (for HC kinds the block's
+        read-out of the streams), ``(B, T, D_encoder)``."""
+        if self._captured is None:
+            raise RuntimeError("alignment_loss needs a forward call first (the tokens are taken during forward)")
+        out = self._captured
+        return self.projector(out if out.ndim == 3 else reduce_streams(out, self.model.connection))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -123,9 +132,13 @@ class REPA(nn.Module):
         inner = getattr(self.model, "no_weight_decay", None)
         return {f"model.{n}" for n in (inner() if inner is not None else ())}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """The DiT's; a recomputed block does not re-project (the hook only acts inside :meth:`forward`)."""
+        self.model.set_grad_checkpointing(enable)
+
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        """The DiT's forward; the projected tokens of this call are kept for :meth:`alignment_loss`."""
-        self._projected, self._capturing = None, True
+        """The DiT's forward; the aligned block's output of this call is kept for :meth:`alignment_loss`."""
+        self._captured, self._capturing = None, True
         try:
             return self.model(*args, **kwargs)
         finally:
@@ -152,13 +165,12 @@ class REPA(nn.Module):
 
     def alignment_loss(self, images: Optional[Tensor] = None, features: Optional[Tensor] = None) -> Tensor:
         """Per-sample ``L_REPA`` for the last forward call: images (clean, [-1, 1]) or precomputed features."""
-        if self._projected is None:
-            raise RuntimeError("alignment_loss needs a forward call first (the tokens are taken during forward)")
+        projected = self.projected_tokens()
         if features is None:
             if images is None:
                 raise ValueError("alignment_loss needs the clean images or their encoder features")
             features = self.encode(images)
-        return alignment_loss(self._projected, features.to(self._projected.dtype))
+        return alignment_loss(projected, features.to(projected.dtype))
 
 
 def base_model(model: nn.Module) -> nn.Module:

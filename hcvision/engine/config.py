@@ -87,6 +87,8 @@ class BaseTrainConfig:
     clip_grad: float = checked(0.0, lambda v: v >= 0, "a number >= 0 (0 disables clipping)")
     # -- precision / hardware --------------------------------------------------------------------
     mixed_precision: str = checked("no", lambda v: v in MIXED_PRECISION, f"one of {MIXED_PRECISION}")
+    compile: bool = False  # torch.compile the trained model's forward in place (names, checkpoints, EMA unchanged)
+    grad_checkpointing: bool = False  # recompute each block in backward (timm's set_grad_checkpointing): less memory
     num_workers: int = checked(0, lambda v: v >= 0, "an integer >= 0")
     # torch intra-op threads when training on CPU; 0 = torch's default (one per core)
     cpu_threads: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: default)")

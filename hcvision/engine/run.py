@@ -91,8 +91,15 @@ class Run:
         if resume_dir is not None:
             validate_resume(resume_dir, model, cfg, ema=cfg.ema)  # everything a resume reads, before any write
         self._check_launch()
+        if cfg.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ConfigError(f"grad_checkpointing=true: model={cfg.model!r} has no set_grad_checkpointing (timm's "
+                                  "API); accepted: grad_checkpointing=false for this model")
+            model.set_grad_checkpointing(True)
         optimizer = build_optimizer(model, cfg)
         self.ema = create_ema(model, cfg.ema_decay, device=acc.device) if cfg.ema else None
+        if cfg.compile:  # in place, after the EMA's copy: the EMA (evaluation, sampling) stays eager
+            model.compile()
         if getattr(train_loader.dataset, "reads_own_shards", False):
             # A stream that reads this process's own shards (data.sources.ShardStream): onto the device as it is;
             # Accelerate's prepare would dispatch rank 0's stream or re-shard this one.

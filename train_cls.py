@@ -114,7 +114,7 @@ def run(cfg: ClsConfig) -> int:
     train_set, val_set, num_classes, collate = classification_datasets(
         data, meta_model, seed=cfg.seed, digits_augment=cfg.digits_augment, img_size=cfg.img_size,
         auto_augment=cfg.auto_augment, reprob=cfg.reprob, train_split=cfg.train_split, val_split=cfg.val_split,
-        train_num_samples=cfg.train_num_samples, num_classes=int(cfg.model_kwargs.get("num_classes", 0)))
+        train_num_samples=cfg.train_num_samples, num_classes=cfg.model_kwargs.get("num_classes"))
     kwargs = {**cfg.model_kwargs, "num_classes": num_classes}
     start = {"pretrained": source.record()} if source else {}
     with Run(cfg, "train_cls", writes=not cfg.eval_only) as run:

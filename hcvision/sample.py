@@ -257,8 +257,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: recorded, else 250)")
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: recorded, else 1.5)")
     p.add_argument("--guidance-channels", type=int, default=None,
-                   help="guide the first k prediction channels (default: recorded, else 3 for 4-channel latents as "
-                        "DiT, else all)")
+                   help="guide the first k prediction channels (default: recorded, else automatic; 0: automatic, "
+                        "i.e. 3 for 4-channel latents as DiT, else all)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="apply guidance only at noise levels t in [LO, HI] (0 = data, 1 = noise; REPA: 0 0.7); "
                         "default: recorded, else 0 1")

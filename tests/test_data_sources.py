@@ -226,8 +226,10 @@ def test_each_process_streams_its_own_shards(tmp_path):
         counts = [len(_rank_samples(uneven, r, 2)) for r in (0, 1)]
     assert counts == [N_TRAIN // 2] * 2  # the same number of steps on every process: DDP cannot wait forever
     stream, _ = wds_dataset(parse_data(f"wds/{uneven}"), "train", None, training=True)
-    with pytest.raises(UsageError, match=r"3 shard\(s\) cannot feed 2 processes x 2 loader worker\(s\).*at least 4"):
+    with pytest.raises(UsageError, match=r"3 shard\(s\) cannot feed 2 process\(es\) x 2 loader worker\(s\).*at least 4"):
         stream.configure(batch_size=16, num_workers=2, rank=0, world_size=2)
+    with pytest.raises(UsageError, match=r"3 shard\(s\) cannot feed 1 process\(es\) x 4 loader worker\(s\)"):
+        make_loader(stream, 16, train=True, num_workers=4)  # one process: a worker without a shard is refused too
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 dataset (see :mod:`.sources`), as (train, val, classes, collate)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,12 +39,13 @@ def check_input_size(model: torch.nn.Module, img_size: int) -> None:
 
 def classification_datasets(source: DataSource, model: torch.nn.Module, *, seed: int = 0, digits_augment: bool = False,
                             img_size: int = 0, auto_augment: str = "", reprob: float = 0.0, train_split: str = "train",
-                            val_split: str = "", train_num_samples: int = 0, num_classes: int = 0
+                            val_split: str = "", train_num_samples: int = 0,
+                            num_classes: Optional[int] = None
                             ) -> Tuple[Any, Any, int, Callable]:
     """(train set, val set, number of classes, collate_fn) with the model's preprocessing (mean/std, size).
 
     ``val_split`` '' is the source's default (:func:`.sources.default_val_split`). ``num_classes`` (the model's class
-    count when it was given, else 0) must match the data's; WebDataset shards whose ``_info.json`` does not give a
+    count when it was given, else None) must match the data's; WebDataset shards whose ``_info.json`` does not give a
     class count take it from there. ``img_size`` must fit the model (:func:`check_input_size`).
     """
     if source.kind == "digits":
@@ -63,7 +64,7 @@ def classification_datasets(source: DataSource, model: torch.nn.Module, *, seed:
             train, info_classes = wds_dataset(source, train_split, t_train, training=True, seed=seed,
                                               num_samples=train_num_samples, mode=mode)
             val, _ = wds_dataset(source, val_split, t_val, training=False, seed=seed, mode=mode)
-            classes = info_classes or num_classes
+            classes = info_classes or num_classes or 0
             if not classes:
                 raise UsageError(f"data_dir={source.timm_name!r}: the number of classes is unknown; accepted: "
                                  "\"num_classes\": N in the shards' _info.json, or model_kwargs.num_classes=N")
@@ -82,7 +83,7 @@ def classification_datasets(source: DataSource, model: torch.nn.Module, *, seed:
                                  f"{train_images.classes[:5]}... but {val_split!r} has {val.classes[:5]}...; both "
                                  "must hold the same class folders (ClassLabel names)")
             train, classes = SeededTransformDataset(train_images, seed=seed), len(train_images.classes)
-    if num_classes and num_classes != classes:
+    if num_classes is not None and num_classes != classes:
         raise UsageError(f"model_kwargs.num_classes={num_classes!r} does not match the {classes} classes of the "
                          "data; drop it or use matching data")
     return train, val, classes, collate

@@ -210,10 +210,10 @@ class ShardStream(IterableDataset):
     def configure(self, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1) -> None:
         """Per-device batch, loader workers and, for training, this process's place among ``world_size``."""
         reader = self.dataset.reader
-        if world_size > 1 and reader.is_training:
+        if reader.is_training:
             shards, readers = len(reader.split_info.filenames), world_size * max(1, num_workers)
             if shards < readers:
-                raise UsageError(f"{self.name}: {shards} shard(s) cannot feed {world_size} processes x "
+                raise UsageError(f"{self.name}: {shards} shard(s) cannot feed {world_size} process(es) x "
                                  f"{max(1, num_workers)} loader worker(s), as each reads its own shards; accepted: at "
                                  f"least {readers} shards, or fewer num_workers")
             if shards % readers:

@@ -132,6 +132,16 @@ class REPA(nn.Module):
         inner = getattr(self.model, "no_weight_decay", None)
         return {f"model.{n}" for n in (inner() if inner is not None else ())}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """The DiT's layer groups under this wrapper's ``model.`` prefix; the projector, unmatched, sits with the head
+        (layer-wise LR decay then scales the DiT as without REPA)."""
+        def prefixed(pattern: str) -> str:
+            return pattern.replace("^", r"^model\.")
+
+        return {k: prefixed(v) if isinstance(v, str) else [(prefixed(p), o) for p, o in v]
+                for k, v in self.model.group_matcher(coarse).items()}
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """The DiT's; a recomputed block does not re-project (the hook only acts inside :meth:`forward`)."""
         self.model.set_grad_checkpointing(enable)

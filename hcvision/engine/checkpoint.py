@@ -162,6 +162,9 @@ def _fit_error(state: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor]) 
     return "; ".join(p for p in parts if p) or None
 
 
+OPTIMIZER_KEYS = ("opt", "layer_decay", "connection_lr_scale")
+
+
 def validate_resume(path: Union[str, Path], model: torch.nn.Module, cfg: Any, ema: bool) -> None:
     """Read everything a resume from ``path`` will load and check that it fits this run, before any write.
 
@@ -183,6 +186,12 @@ def validate_resume(path: Union[str, Path], model: torch.nn.Module, cfg: Any, em
         if isinstance(previous, dict) and previous.get("model") not in (None, cfg.model):
             raise ConfigError(f"resume={cfg.resume!r}: {str(recorded)!r} records model={previous.get('model')!r}, "
                               f"not model={cfg.model!r}; resume with the same model or choose another output_dir")
+        # These decide the optimizer's parameter groups, which the saved optimizer state must match.
+        for key in OPTIMIZER_KEYS:
+            if isinstance(previous, dict) and key in previous and previous[key] != getattr(cfg, key, previous[key]):
+                raise ConfigError(f"resume={cfg.resume!r}: {str(recorded)!r} records {key}={previous[key]!r}, not "
+                                  f"{key}={getattr(cfg, key)!r}, and the saved optimizer state has that run's parameter "
+                                  f"groups; resume with {key}={previous[key]!r} or choose another output_dir")
     target = model.state_dict()
     files = [("model.safetensors", "model weights")] + ([("ema.safetensors", "EMA weights")] if ema else [])
     for name, what in files:

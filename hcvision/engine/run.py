@@ -83,14 +83,9 @@ class Run:
                 eval_loaders: Sequence[Any] = ()) -> Trainer:
         """Optimizer, EMA, ``prepare``, a validated resume, then the first writes: config.yaml and trackers."""
         cfg, acc = self.cfg, self.acc
-        samples = len(train_loader.dataset) if isinstance(train_loader.dataset, Sized) else None
-        if samples is not None and len(train_loader) == 0:  # drop_last left no batch: training would do nothing
-            raise ConfigError(f"global_batch_size={cfg.global_batch_size} is larger than the {samples} training "
-                              f"samples ({self.batch_size} per device and micro-step); use a smaller batch")
         resume_dir = CheckpointManager(acc, cfg.output_dir).resolve(cfg.resume)
         if resume_dir is not None:
             validate_resume(resume_dir, model, cfg, ema=cfg.ema)  # everything a resume reads, before any write
-        self._check_launch()
         if cfg.grad_checkpointing:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ConfigError(f"grad_checkpointing=true: model={cfg.model!r} has no set_grad_checkpointing (timm's "
@@ -112,6 +107,12 @@ class Run:
             model, optimizer, train_loader, *eval_loaders = acc.prepare(model, optimizer, train_loader,
                                                                         *eval_loaders)
         self.model, self.eval_loaders = model, eval_loaders
+        samples = len(train_loader.dataset) if isinstance(train_loader.dataset, Sized) else None
+        if samples is not None and len(train_loader) == 0:  # after sharding, drop_last left no batch
+            raise ConfigError(f"global_batch_size={cfg.global_batch_size} is larger than the {samples} training "
+                              f"samples ({self.batch_size} per device x {acc.num_processes} processes per "
+                              "micro-step); use a smaller batch")
+        self._check_launch()
         if self.is_main:  # from here on the run writes into output_dir
             save_config(cfg, self.out / "config.yaml")
             io.write_json(self.out / "provenance.json", self.provenance)

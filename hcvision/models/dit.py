@@ -223,8 +223,9 @@ class HCDiT(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r"^x_embedder|^t_embedder|^y_embedder",
-                    blocks=[(r"^blocks\.(\d+)", None), (r"^final_layer", (99999,))])
+        """timm's layer groups: the embedders, each block, and (unmatched) the final layer as the head, so that
+        layer-wise LR decay treats it as timm's ViT treats its head."""
+        return dict(stem=r"^x_embedder|^t_embedder|^y_embedder", blocks=[(r"^blocks\.(\d+)", None)])
 
     @property
     def null_class(self) -> Optional[int]:

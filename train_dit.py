@@ -116,7 +116,7 @@ def run(cfg: DitConfig) -> int:
         repa = None if encoder is None else REPA(model, encoder, cfg.repa_block, cfg.repa_weight,
                                                  cfg.repa_projector_dim)  # trains the projector with the DiT
         loader = DataLoader(train_set, batch_size=run.batch_size, shuffle=True, drop_last=True,
-                            num_workers=cfg.num_workers)
+                            num_workers=cfg.num_workers, pin_memory=run.acc.device.type == "cuda")
         loss_fn = DiffusionLoss(run.acc, cfg.objective, cfg.time_sampling, repa=repa)
         result = run.fit(run.trainer(repa or model, loader, loss_fn))
         if result is None:

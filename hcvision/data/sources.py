@@ -299,13 +299,14 @@ def make_loader(dataset: Any, batch_size: int, *, train: bool, num_workers: int 
     """The train or validation loader of any source: map-style sets are shuffled (training) by Accelerate's seedable
     sampler after ``prepare``; a :class:`ShardStream` shuffles itself and, for training among ``world_size``
     processes, reads process ``rank``'s own shards. Validation batches keep their shape when a file is unreadable
-    (``keep_size``), as ``gather_for_metrics`` needs."""
+    (``keep_size``), as ``gather_for_metrics`` needs. With CUDA, batches come in pinned memory and the engine's
+    accelerator copies them to the device asynchronously."""
     if isinstance(dataset, ShardStream):
         dataset.configure(batch_size, num_workers, rank=rank, world_size=world_size if train else 1)
         return DataLoader(dataset, batch_size=batch_size, drop_last=train, num_workers=num_workers,
-                          collate_fn=collate_stream, generator=dataset.generator)
+                          collate_fn=collate_stream, generator=dataset.generator, pin_memory=torch.cuda.is_available())
     if not train and collate is collate_skip_bad:
         collate = partial(collate_skip_bad, keep_size=True)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and not isinstance(dataset, IterableDataset),
-                      drop_last=train, num_workers=num_workers, collate_fn=collate)
+                      drop_last=train, num_workers=num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available())
 

@@ -37,7 +37,8 @@ def build_accelerator(cfg: BaseTrainConfig, *, log_with_tensorboard: Optional[bo
             gradient_accumulation_steps=1,
             log_with="tensorboard" if tb else None,
             project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=f"{cfg.output_dir}/tb"),
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # non_blocking: host-to-device copies of pinned batches overlap compute (a no-op on CPU)
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
             step_scheduler_with_optimizer=False,
         )
     except ValueError as e:  # e.g. fp16 without a GPU: keep the message short and name the value

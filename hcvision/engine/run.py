@@ -101,7 +101,8 @@ class Run:
             from accelerate.data_loader import prepare_data_loader
 
             train_loader = prepare_data_loader(train_loader, acc.device, num_processes=1, process_index=0,
-                                               put_on_device=True, dispatch_batches=False)
+                                               put_on_device=True, dispatch_batches=False,
+                                               non_blocking=acc.dataloader_config.non_blocking)
             model, optimizer, *eval_loaders = acc.prepare(model, optimizer, *eval_loaders)
         else:
             model, optimizer, train_loader, *eval_loaders = acc.prepare(model, optimizer, train_loader,

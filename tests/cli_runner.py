@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import runpy
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
@@ -35,6 +36,13 @@ def _child(target: str, argv: Sequence[str], cwd: str, env: Dict[str, str], out:
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    # A fresh interpreter sizes torch's intra-op pool from OMP_NUM_THREADS when torch is imported; here torch was
+    # imported by the server, so apply the child's value (a 2-thread pool on a busy 2-core box costs ~4x).
+    threads = env.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
     code = 0
     try:
         if target.endswith(".py"):
@@ -56,6 +64,35 @@ def _child(target: str, argv: Sequence[str], cwd: str, env: Dict[str, str], out:
     os._exit(code)
 
 
+class Child:
+    """One running entry point: :meth:`wait` for its :class:`Result`, or :meth:`kill` it (SIGKILL) first."""
+
+    def __init__(self, proc, target: str, argv: Sequence[str], out: str, err: str) -> None:
+        self.proc, self.target, self.argv, self.out, self.err = proc, target, list(argv), out, err
+
+    def poll(self) -> Optional[int]:
+        """The exit code (negative: killed by that signal), or ``None`` while it runs."""
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float = 300) -> Result:
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join()
+            raise TimeoutError(f"{self.target} {self.argv} did not finish within {timeout} s")
+        with open(self.out) as f_out, open(self.err) as f_err:
+            result = Result(self.proc.exitcode, f_out.read(), f_err.read())
+        os.unlink(self.out)
+        os.unlink(self.err)
+        return result
+
+
 class Runner:
     def __init__(self, sys_path: Sequence[str], log_dir: str) -> None:
         self.log_dir = log_dir
@@ -63,18 +100,18 @@ class Runner:
         self.ctx.set_forkserver_preload(PRELOAD)
         sys.path[:0] = [p for p in sys_path if p not in sys.path]
 
-    def run(self, target: str, argv: Sequence[str], cwd: str, env: Optional[Dict[str, str]] = None,
-            timeout: float = 300) -> Result:
-        out, err = os.path.join(self.log_dir, "stdout"), os.path.join(self.log_dir, "stderr")
+    def start(self, target: str, argv: Sequence[str], cwd: str, env: Optional[Dict[str, str]] = None) -> Child:
+        """Fork a child running ``target`` and return at once (its stdout/stderr go to files of its own)."""
+        paths = []
+        for suffix in (".stdout", ".stderr"):  # files of its own: several children may run at once
+            fd, path = tempfile.mkstemp(dir=self.log_dir, suffix=suffix)
+            os.close(fd)
+            paths.append(path)
+        out, err = paths
         proc = self.ctx.Process(target=_child, args=(target, list(argv), cwd, dict(env or os.environ), out, err))
         proc.start()
-        proc.join(timeout)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
-            raise TimeoutError(f"{target} {argv} did not finish within {timeout} s")
-        with open(out) as f_out, open(err) as f_err:
-            result = Result(proc.exitcode, f_out.read(), f_err.read())
-        os.unlink(out)
-        os.unlink(err)
-        return result
+        return Child(proc, target, argv, out, err)
+
+    def run(self, target: str, argv: Sequence[str], cwd: str, env: Optional[Dict[str, str]] = None,
+            timeout: float = 300) -> Result:
+        return self.start(target, argv, cwd, env).wait(timeout)

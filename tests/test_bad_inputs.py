@@ -21,7 +21,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import hcvision  # noqa: F401
-from cli_runner import Runner
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = ["model=vit_digits_patch2_8_dhc2", "model_kwargs.embed_dim=32", "model_kwargs.depth=2",
@@ -61,11 +60,9 @@ def _snapshot(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(tmp_path_factory, runner):
     """A workspace of good and bad files, built once; cases must leave it exactly as it is."""
     root = tmp_path_factory.mktemp("bad_inputs")
-    logs = tmp_path_factory.mktemp("runner_logs")
-    runner = Runner([str(REPO), str(REPO / "tests")], str(logs))
     w = {"root": root, "runner": runner, "marker": root / "PWNED"}
     torch.manual_seed(0)
     vit = timm.create_model("vit_digits_patch2_8_dhc2", **TINY_VIT_KWARGS)

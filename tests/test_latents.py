@@ -194,7 +194,7 @@ def test_bad_inputs_are_named(tmp_path, extracted, image_folder):
         read_manifest(tmp_path / "partial")
 
 
-def test_missing_vae_offline_says_how_to_supply_one(tmp_path, monkeypatch, image_folder):
+def test_missing_vae_offline_says_how_to_supply_one(tmp_path, monkeypatch, image_folder, runner):
     with pytest.raises(VaeUnavailableError, match=r"does not exist.*huggingface-cli download.*--vae DIR"):
         load_vae(str(tmp_path / "no_such_vae"))
     (tmp_path / "empty").mkdir()
@@ -203,15 +203,17 @@ def test_missing_vae_offline_says_how_to_supply_one(tmp_path, monkeypatch, image
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(VaeUnavailableError, match=r"HF_HUB_OFFLINE.*pass its path"):
         load_vae("hcvision-test/not-a-cached-vae")
-    # The command line turns it into exit code 2 with the same message.
-    r = subprocess.run([sys.executable, "-m", "hcvision.data.latents", "--data-dir", str(image_folder), "--out",
-                        str(tmp_path / "o"), "--vae", str(tmp_path / "no_such_vae")], cwd=REPO,
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    # The command line (`python -m hcvision.data.latents`, run by the conftest runner) turns it into exit code 2
+    # with the same message.
+    r = runner.run("hcvision.data.latents", ["--data-dir", str(image_folder), "--out", str(tmp_path / "o"), "--vae",
+                                             str(tmp_path / "no_such_vae")], cwd=str(REPO),
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 2 and "huggingface-cli download" in r.stderr
 
 
 @pytest.mark.slow
-def test_two_processes_write_disjoint_shards_without_gaps_and_resume(tmp_path, image_folder, vae_dir, extracted):
+def test_two_processes_write_disjoint_shards_without_gaps_and_resume(tmp_path, image_folder, vae_dir, extracted,
+                                                                     runner):
     """torchrun with 2 gloo processes: same content as one process, every index once, finished shards kept."""
     out = tmp_path / "dist"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -234,8 +236,8 @@ def test_two_processes_write_disjoint_shards_without_gaps_and_resume(tmp_path, i
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
     (out / "shards" / names[1]).unlink()
     (out / "manifest.json").unlink()
-    r = subprocess.run(cmd[:1] + ["-m", "hcvision.data.latents"] + cmd[cmd.index("--data-dir"):], cwd=REPO,
-                       capture_output=True, text=True, env=env, timeout=300)
+    # one process (`python -m hcvision.data.latents`, run by the conftest runner: no second interpreter start-up)
+    r = runner.run("hcvision.data.latents", cmd[cmd.index("--data-dir"):], cwd=str(REPO), env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
     assert {k for k in after if after[k] != stamps.get(k)} == {names[1]}

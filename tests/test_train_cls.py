@@ -214,27 +214,29 @@ def test_bf16_mixed_precision_runs(tmp_path):
     assert all(torch.isfinite(v).all() for v in _tensors(out / "model.safetensors").values())
 
 
-def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path, runner):
+    # A real process and a real SIGTERM; forked from the conftest runner's server rather than a fresh interpreter,
+    # which only saves the imports (the handler under test is installed by the trainer itself).
     out = tmp_path / "sig"
-    cmd = [PY, str(REPO / "train_cls.py"), *TINY, f"output_dir={out}", "epochs=200", "log_every=1"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = runner.start(str(REPO / "train_cls.py"), [*TINY, f"output_dir={out}", "epochs=200", "log_every=1"],
+                         cwd=str(tmp_path), env=_env())
     try:
         metrics = out / "metrics.jsonl"
         for _ in range(600):  # poll for the first logged step (startup time varies with machine load)
             if metrics.exists() and metrics.read_text().strip():
                 break
-            if proc.poll() is not None:
+            if child.poll() is not None:
                 break
             time.sleep(0.2)
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=300)
+        assert child.poll() is None, child.wait().stderr
+        child.send_signal(signal.SIGTERM)
+        r = child.wait(timeout=300)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert "Traceback" not in stderr
-    assert "stopped by signal" in stderr and "resume=auto" in stderr
+        if child.poll() is None:
+            child.kill()
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "stopped by signal" in r.stderr and "resume=auto" in r.stderr
     ckpt = sorted((out / "checkpoints").glob("step_*"))[-1]
     state = json.loads((ckpt / "train_state.json").read_text())
     assert state["global_step"] >= 1

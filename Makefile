@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.hcvision-installed
 # `make test` runs the suite in parallel (pytest-xdist): one worker per core, at most 4. On CI's 2 cores this about
-# halves the wall time; `--dist worksteal` rebalances when one worker runs out of tests (see tests/conftest.py).
+# halves the wall time. Whole files go to a worker (their module fixtures are built once), heaviest first and in
+# conftest.py's order (--no-loadscope-reorder: not xdist's by number of tests).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
 
 .PHONY: demo test setup bench clean
@@ -20,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m hcvision.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'

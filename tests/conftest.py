@@ -18,6 +18,11 @@ import torch  # noqa: E402
 if os.environ.get("PYTEST_XDIST_WORKER") and os.environ["OMP_NUM_THREADS"].isdigit():
     torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))  # in case a plugin imported torch first
 
+# One test process compiles many distinct models whose forwards share code objects (11 ViT kinds in test_vit.py, the
+# DiTs, the trainer's compile=true): each is a genuine recompilation, and torch's default limit of 8 per code object
+# would make a fullgraph test fail, or a plain compile fall back to eager, depending on which files ran before.
+torch._dynamo.config.recompile_limit = 64
+
 # The heaviest test files first, by their measured cost (serial run, 2 cores, 2026-11-28: bad_inputs ~110 s,
 # eval_generative ~105 s, kernels_triton ~67 s, fid_extra ~53 s, crash_resume ~50 s after the runner change ...): `make
 # test` hands whole files to the workers (`--dist loadfile`, so a module's fixtures are built once), and starting the

@@ -60,6 +60,7 @@ def test_grad_checkpointing_with_repa_projects_once_and_matches(tmp_path):
 def test_compile_trains_like_eager_keeps_names_and_resumes(tmp_path):
     """torch.compile (Inductor, CPU here) in place: the same updates as eager up to float reassociation, the same
     tensor names in weights and checkpoints, and a compiled run resumes from its checkpoint."""
+    torch._dynamo.reset()  # compile here, not reuse what an earlier test in this process compiled
     assert train_cls.main(CLS + [f"output_dir={tmp_path / 'eager'}"]) == 0
     assert train_cls.main(CLS + [f"output_dir={tmp_path / 'compiled'}", "compile=true"]) == 0
     eager, compiled = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")

@@ -33,7 +33,7 @@ METRICS: Dict[str, Tuple[str, bool]] = {
     "top1": ("top-1 (%)", True),
     "top5": ("top-5 (%)", True),
     "fid": ("FID", False),
-    "cls_acc": ("cls_acc (%)", True),
+    "cls_acc": ("cls_acc (fraction)", True),
     "final_loss": ("last train-batch loss", False),  # the last optimiser step's batch: noisy
 }
 #: metrics whose paired differences summary.md shows (summary.json has them for every metric)
@@ -277,7 +277,7 @@ def markdown(report: Dict[str, Any], *, regenerate: Sequence[str] = (), title: s
     """The report as markdown: per-variant table, paired differences per metric, regenerating commands."""
     ms = report["metrics"]
     labels = report["metric_labels"]
-    digits = {m: 4 if m == "final_loss" else 2 for m in ms}
+    digits = {m: 4 if m == "final_loss" else 3 if m == "cls_acc" else 2 for m in ms}  # cls_acc is a fraction
     lines = [f"## {title}", ""]
     head = ["variant", "n"] + [f"{labels[m]} mean ± std" for m in ms] + ["params", "s/run"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

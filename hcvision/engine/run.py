@@ -15,8 +15,8 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from collections.abc import Sized
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Type
 
 import torch

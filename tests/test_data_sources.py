@@ -225,6 +225,17 @@ def test_each_process_streams_its_own_shards(tmp_path):
     with pytest.warns(RuntimeWarning, match="3 shards over 2 readers"):
         counts = [len(_rank_samples(uneven, r, 2)) for r in (0, 1)]
     assert counts == [N_TRAIN // 2] * 2  # the same number of steps on every process: DDP cannot wait forever
+    broken = [(CORRUPT, label) if 48 <= i < 96 else (png, label)
+              for i, (png, label) in enumerate(digits_png("train", N_TRAIN))]  # shard 1: nothing decodes
+    broken_root = write_shards(tmp_path / "broken", {"train": broken}, per_shard=48)
+    counts, errors = [], []
+    for rank in range(4):  # timm shuffles the shards before splitting them: one rank gets the broken one
+        try:
+            counts.append(len(_rank_samples(broken_root, rank, 4)))
+        except UsageError as e:  # a clear error instead of looping over an unreadable shard forever
+            errors.append(str(e))
+    assert counts == [N_TRAIN // 4] * 3 and len(errors) == 1
+    assert "of 4 found no readable sample in its shards" in errors[0]
     stream, _ = wds_dataset(parse_data(f"wds/{uneven}"), "train", None, training=True)
     with pytest.raises(UsageError, match=r"3 shard\(s\) cannot feed 2 process\(es\) x 2 loader worker\(s\).*at least 4"):
         stream.configure(batch_size=16, num_workers=2, rank=0, world_size=2)

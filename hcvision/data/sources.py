@@ -249,7 +249,9 @@ class ShardStream(IterableDataset):
                 if n == want:
                     return
             if n == start:
-                raise RuntimeError(f"{self.name}: loader worker {reader.global_worker_id} has no sample to read")
+                raise UsageError(f"{self.name}: loader worker {reader.global_worker_id} of {reader.global_num_workers} "
+                                 "found no readable sample in its shards (empty, or every sample undecodable); "
+                                 "accepted: shards that each hold readable samples")
 
     def __iter__(self) -> Iterator[Tuple[Any, int]]:
         info = get_worker_info()

@@ -1,7 +1,7 @@
 """``python -m hcvision.demo``: a Hyper-Connection ViT vs its residual twin on the embedded digits.
 
 Trains ``vit_digits_patch2_8_dhc2`` (DHC, expansion 2) and ``vit_digits_patch2_8_res`` with the
-same recipe and budget (``configs/cls/digits_*.yaml``) through ``train_cls.py``, then prints the
+same recipe and budget (the packaged recipes ``digits_dhc2`` / ``digits_res``) through ``hcvision.train_cls``, then prints the
 held-out top-1 of both side by side with the paths of their results.  CPU only, offline.
 
 The two runs go in parallel, one process per core with one intra-op thread each: for models this
@@ -19,26 +19,23 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
 RUNS = (("DHC x2", "dhc2"), ("residual", "res"))
 
 
-def _train_script() -> Path:
-    script = REPO / "train_cls.py"
-    if not script.is_file():
-        raise SystemExit(f"hcvision.demo: error: {script} not found; run the demo from a source checkout "
-                         "(pip install -e .)")
-    return script
+def _child_env(**extra: str) -> Dict[str, str]:
+    """The environment of a child process: it imports the same hcvision as this one (installed or a checkout)."""
+    here = str(Path(__file__).resolve().parents[1])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH", "")])),
+                **extra)
 
 
 def _launch(kind: str, out: Path, extra: List[str]) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(_train_script()), "--config", str(REPO / "configs" / "cls" / f"digits_{kind}.yaml"),
+    cmd = [sys.executable, "-m", "hcvision.train_cls", "--config", f"digits_{kind}",  # the packaged recipes
            f"output_dir={out / kind}", "progress_bar=false", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
     log = open(out / f"{kind}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=_child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"), stdout=log,
+                            stderr=subprocess.STDOUT)
     proc.log = log  # type: ignore[attr-defined]
     proc.cmd = cmd  # type: ignore[attr-defined]
     return proc
@@ -59,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides passed to both runs (e.g. epochs=5)")
     parser.add_argument("--no-analysis", action="store_true", help="skip the connection-matrix / similarity pictures")
     args = parser.parse_args(argv)
-    out = Path(args.out or REPO / "runs" / time.strftime("demo-%Y%m%d-%H%M%S"))
+    out = Path(args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
 
     print(f"Training on scikit-learn digits (1437 train / 360 held-out images), CPU, same budget for both:")
     t0 = time.perf_counter()
@@ -118,8 +115,7 @@ def _analyse(out: Path, results: Dict[str, dict]) -> None:
         dest = out / "analysis" / kind
         cmd = [sys.executable, "-m", "hcvision.analysis", "--model", results[kind]["model"],
                "--checkpoint", str(out / kind / "model.safetensors"), "--data", "digits", "--out", str(dest)]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        done = subprocess.run(cmd, env=_child_env(), capture_output=True, text=True)
         if done.returncode != 0:
             print(f"  {kind}: analysis failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         else:

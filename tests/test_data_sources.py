@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import train_cls
+from hcvision import train_cls
 from hcvision.cli import UsageError
 from hcvision.data.sources import ShardStream, hfds_dataset, make_loader, parse_data, wds_dataset
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import hcvision  # noqa: F401  (registers the models)
-import train_cls
+from hcvision import train_cls
 from hcvision.data import DigitsDataset
 from hcvision.pretrained import create_pretrained, resolve_pretrained
 

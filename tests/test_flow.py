@@ -336,7 +336,7 @@ def test_sit_and_repa_configs_follow_the_papers_and_build_on_meta():
 
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo))
-    import train_dit
+    from hcvision import train_dit
 
     known = {f.name for f in dataclasses.fields(train_dit.DitConfig)} | NEW_TRAINER_KEYS
     cfgs = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((repo / "configs" / "dit" / "flow").glob("*.yaml"))}

@@ -15,7 +15,7 @@ import torch
 
 from safetensors.torch import load_file, save_file
 
-import train_cls  # the script itself (pytest's pythonpath holds the repository root)
+from hcvision import train_cls
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

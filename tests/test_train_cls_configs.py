@@ -11,7 +11,7 @@ PAPER = sorted((REPO / "configs" / "cls").glob("vit_*.yaml"))
 
 
 def _train_cls():
-    import train_cls  # the script, on pytest's pythonpath
+    from hcvision import train_cls
 
     return train_cls
 

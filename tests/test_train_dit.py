@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from hcvision.engine import parse_config
 
-import train_dit  # the script itself (pytest's pythonpath holds the repository root)
+from hcvision import train_dit
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model_kwargs.embed_dim=32", "model_kwargs.depth=2", "model_kwargs.num_heads=2", "progress_bar=false",

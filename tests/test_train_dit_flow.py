@@ -19,7 +19,7 @@ from hcvision.diffusion import DiffusionLoss, make_objective
 from hcvision.diffusion.repa import REPA, alignment_loss
 from hcvision.engine import parse_config
 
-import train_dit
+from hcvision import train_dit
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model_kwargs.embed_dim=32", "model_kwargs.depth=2", "model_kwargs.num_heads=2", "progress_bar=false",

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train_cls
-import train_dit
+from hcvision import train_cls
+from hcvision import train_dit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

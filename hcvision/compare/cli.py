@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import List, NoReturn, Optional, Sequence
 
-from .spec import REPO, SpecError
+from .spec import SpecError
 
 PROG = "python -m hcvision.compare"
 
@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run (or emit) a grid and report it",
                        description="Run every cell of the grid through the normal trainer, then report.")
-    r.add_argument("--config", required=True, help="base YAML of train_cls.py or train_dit.py")
+    r.add_argument("--config", required=True, help="base recipe of the trainer: a YAML file or a packaged recipe name "
+                   "(digits_res, dit_digits_shc2, ...)")
     r.add_argument("--kinds", default=None,
                    help="connection kinds replacing the base model's suffix, e.g. res,shc2,dhc2,mhc4")
     r.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -64,10 +65,8 @@ def _fail(message: str) -> int:
 
 
 def _invocation(argv: Sequence[str]) -> str:
-    """This invocation as a command line; prefixed with ``cd`` unless run from the repository root."""
-    line = f"{PROG} {shlex.join(argv)}"
-    cwd = Path.cwd().resolve()
-    return line if cwd == REPO else f"cd {shlex.quote(str(cwd))} && {line}"
+    """This invocation as a command line, prefixed with ``cd`` to where it ran."""
+    return f"cd {shlex.quote(str(Path.cwd()))} && {PROG} {shlex.join(argv)}"
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:

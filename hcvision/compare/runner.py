@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..provenance import run_provenance
 from ..io import write_json
-from .spec import REPO, Cell
+from .spec import Cell
 
 __all__ = ["RunOutcome", "run_cells", "is_finished", "has_checkpoint"]
 
@@ -68,7 +68,7 @@ def _start(cell: Cell) -> subprocess.Popen:
     log.write(f"$ {cell.command}\n")
     log.flush()
     env = dict(os.environ, **cell.env)
-    proc = subprocess.Popen(cell.argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cell.argv, cwd=cell.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # signals reach it once, through on_signal
     proc._hcv_log = log  # type: ignore[attr-defined]
     proc._hcv_t0 = time.perf_counter()  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ All input is checked here, by the trainer's own config class, before anything is
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import itertools
 import re
 import shlex
@@ -19,10 +19,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..cli import UsageError
 
-__all__ = ["SpecError", "Cell", "Spec", "build_spec", "parse_seeds", "parse_grid_arg", "KIND_HELP", "REPO"]
+__all__ = ["SpecError", "Cell", "Spec", "build_spec", "parse_seeds", "parse_grid_arg", "KIND_HELP"]
 
-REPO = Path(__file__).resolve().parents[2]
-TRAINERS = {"cls": "train_cls.py", "dit": "train_dit.py"}
+TRAINERS = {"cls": "hcvision.train_cls", "dit": "hcvision.train_dit"}  # run as `python -m MODULE`
 _FAMILIES = ("shc", "dhc", "sfc", "dfc", "mhc")
 KIND_RE = re.compile(r"^(res|(?:%s)[1-9][0-9]*)$" % "|".join(_FAMILIES))
 MODEL_KIND_RE = re.compile(r"_(res|(?:%s)[0-9]+)$" % "|".join(_FAMILIES))
@@ -47,23 +46,24 @@ class Cell:
     run_dir: Path
     argv: List[str]  # the trainer command
     env: Dict[str, str]  # environment variables the command sets
+    cwd: Path  # where the command runs (the comparison's working directory: relative paths keep their meaning)
 
     @property
     def command(self) -> str:
-        """The exact shell command (run from the repository root)."""
+        """The exact shell command (run from :attr:`cwd`)."""
         return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in self.env.items()), shlex.join(self.argv)])
 
     @property
     def shell_line(self) -> str:
-        """Self-contained line: skip if finished, else run (resuming) from the repository root, log to train.log."""
+        """Self-contained line: skip if finished, else run (resuming) from :attr:`cwd`, log to train.log."""
         d = shlex.quote(str(self.run_dir))
-        return (f"[ -f {d}/results.json ] || {{ mkdir -p {d} && cd {shlex.quote(str(REPO))} && "
+        return (f"[ -f {d}/results.json ] || {{ mkdir -p {d} && cd {shlex.quote(str(self.cwd))} && "
                 f"{self.command} >> {d}/train.log 2>&1; }}")
 
     def to_dict(self) -> Dict[str, Any]:
         return {"index": self.index, "variant": self.variant, "kind": self.kind, "context": self.context,
                 "seed": self.seed, "run_dir": str(self.run_dir), "argv": self.argv, "env": self.env,
-                "command": self.command, "cwd": str(REPO)}
+                "command": self.command, "cwd": str(self.cwd)}
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Spec:
 
     config: Path
     trainer: str  # "cls" or "dit"
-    script: Path
+    module: str  # the trainer, run as `python -m module`
     kinds: List[str]
     grid: List[Tuple[str, List[str]]]
     seeds: List[int]
@@ -87,7 +87,7 @@ class Spec:
         return "res" if "res" in self.kinds else None
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"config": str(self.config), "trainer": self.trainer, "script": str(self.script), "kinds": self.kinds,
+        return {"config": str(self.config), "trainer": self.trainer, "module": self.module, "kinds": self.kinds,
                 "grid": [[k, v] for k, v in self.grid], "seeds": self.seeds, "overrides": self.overrides,
                 "out": str(self.out), "threads": self.threads, "base_model": self.base_model,
                 "cells": [c.to_dict() for c in self.cells]}
@@ -162,23 +162,9 @@ def _slug(text: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # Trainer config class (the trainer's own validation)
 # ------------------------------------------------------------------------------------------------
-def _trainer_config_class(script: Path) -> type:
-    """The most derived :class:`BaseTrainConfig` subclass visible in the trainer module (its config class)."""
-    from hcvision.engine import BaseTrainConfig
-
-    name = f"_hcv_compare_{script.stem}"
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, script)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    found = [v for v in vars(mod).values()
-             if isinstance(v, type) and issubclass(v, BaseTrainConfig) and v is not BaseTrainConfig]
-    if not found:
-        raise SpecError(f"{script} defines no config class (a BaseTrainConfig subclass); is it a hcvision trainer?")
-    return max(found, key=lambda c: len(c.__mro__))
+def _trainer_config_class(module: str) -> type:
+    """The trainer's config class (``CONFIG`` of its module)."""
+    return importlib.import_module(module).CONFIG
 
 
 def _check_argv(cls: type, argv: Sequence[str], where: str) -> Any:
@@ -208,11 +194,12 @@ def build_spec(
     """Parse and validate everything; raises :class:`SpecError` before anything is written."""
     from hcvision.engine import ConfigError, check_model_name, load_yaml
 
-    cfg_path = Path(config)
-    if not cfg_path.is_file():
-        raise SpecError(f"--config {config!r} does not exist; accepted: a trainer YAML file such as "
-                        "configs/cls/digits_res.yaml or configs/dit/dit_digits_shc2.yaml")
-    cfg_path = cfg_path.resolve()
+    from hcvision.resources import resolve_recipe
+
+    try:
+        cfg_path = resolve_recipe(config).resolve()  # a YAML file or a packaged recipe name (digits_res)
+    except UsageError as e:
+        raise SpecError(str(e)) from None
     if not out:
         raise SpecError("--out is empty; accepted: a directory for the runs and the report")
     if isinstance(threads, bool) or int(threads) < 1:
@@ -237,9 +224,7 @@ def build_spec(
         trainer = "dit" if model.startswith("dit_") else "cls"
     if trainer not in TRAINERS:
         raise SpecError(f"--trainer {trainer!r} is not valid; accepted: auto, cls, dit")
-    script = REPO / TRAINERS[trainer]
-    if not script.is_file():
-        raise SpecError(f"{script} not found; run the comparison from a source checkout of hcvision")
+    module = TRAINERS[trainer]
 
     kind_list = parse_kinds(kinds) if kinds else []
     axes = [parse_grid_arg(g) for g in grid]
@@ -262,10 +247,10 @@ def build_spec(
                             f"has none (accepted suffixes: {KIND_HELP})")
         base_prefix = model[: m.start()]
 
-    cls = _trainer_config_class(script)
+    cls = _trainer_config_class(module)
     out_dir = Path(out).resolve()
     env = {"OMP_NUM_THREADS": str(int(threads)), "MKL_NUM_THREADS": str(int(threads))}
-    spec = Spec(config=cfg_path, trainer=trainer, script=script, kinds=kind_list, grid=axes, seeds=seed_list,
+    spec = Spec(config=cfg_path, trainer=trainer, module=module, kinds=kind_list, grid=axes, seeds=seed_list,
                 overrides=overrides, out=out_dir, threads=int(threads), base_model=model)
     checked_models: set = set()
     for kind in (kind_list or [""]):
@@ -287,7 +272,8 @@ def build_spec(
                         raise SpecError(f"cell {variant!r}: {e}") from None
                     checked_models.add(cfg.model)
                 spec.cells.append(Cell(index=len(spec.cells), variant=variant, kind=kind, context=context, seed=seed,
-                                       run_dir=run_dir, argv=[python, str(script), *args], env=env))
+                                       run_dir=run_dir, argv=[python, "-m", module, *args], env=env,
+                                       cwd=Path.cwd()))
     if not spec.cells:
         raise SpecError("the grid is empty; give --kinds, --grid key=v1,v2 and/or --seeds")
     return spec

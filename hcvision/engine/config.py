@@ -25,6 +25,7 @@ import yaml
 
 from ..cli import UsageError
 from ..io import write_text
+from ..resources import resolve_recipe
 
 __all__ = [
     "ConfigError",
@@ -319,7 +320,7 @@ def parse_config(cls: Type[C], argv: Sequence[str] = (), *, defaults: Optional[D
         arg = argv[i]
         if arg in ("--config", "-c"):
             if i + 1 >= len(argv):
-                raise ConfigError("--config needs a file path")
+                raise ConfigError("--config needs a YAML file or a recipe name")
             config_files.append(argv[i + 1])
             i += 2
             continue
@@ -334,7 +335,7 @@ def parse_config(cls: Type[C], argv: Sequence[str] = (), *, defaults: Optional[D
     values: Dict[str, Any] = {}
     layers = [list((defaults or {}).items())]
     for path in config_files:
-        layers.append(list(load_yaml(path).items()))
+        layers.append(list(load_yaml(resolve_recipe(path)).items()))
     layers.append(overrides)
     for layer in layers:
         for key, value in layer:

@@ -336,7 +336,7 @@ def default_digits_classifier_path() -> Path:
     env = os.environ.get(DIGITS_CLASSIFIER_ENV)
     if env:
         return Path(env)
-    from ..models._registry import weights_dir
+    from ..resources import weights_dir
 
     return weights_dir() / DEFAULT_DIGITS_CLASSIFIER
 

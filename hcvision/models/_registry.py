@@ -6,12 +6,12 @@ timm entrypoint with a name, a docstring and a default cfg, without a hundred ha
 from __future__ import annotations
 
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from timm.models import register_model
+
+from ..resources import weights_dir
 
 __all__ = ["CONNECTION_VARIANTS", "KIND_TITLES", "register_variants", "weights_dir", "local_weights", "variant_cfgs"]
 
@@ -28,12 +28,6 @@ KIND_TITLES = {
     "dfc": "dynamic Frac-Connections",
     "mhc": "manifold-constrained Hyper-Connections",
 }
-
-
-def weights_dir() -> Path:
-    """Where pretrained tags resolve: ``$HCV_WEIGHTS_DIR`` or the repository's ``weights/`` folder."""
-    env = os.environ.get("HCV_WEIGHTS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "weights"
 
 
 def local_weights() -> dict[str, dict[str, Any]]:

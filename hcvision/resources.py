@@ -1,0 +1,49 @@
+"""The files hcvision ships inside the package: the recipes (``configs/``) and the weights it trained (``weights/``).
+
+In the repository ``hcvision/configs`` and ``hcvision/weights`` are links to the top-level ``configs/`` and
+``weights/`` (one source); the build copies what they hold into the wheel, and an editable install reads them
+through the links. So the same lookups work from a wheel, an editable install and a checkout, in any directory.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict
+
+from .cli import UsageError
+
+__all__ = ["recipes_dir", "weights_dir", "list_recipes", "resolve_recipe"]
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def recipes_dir() -> Path:
+    """The packaged recipes: ``cls/*.yaml``, ``dit/*.yaml``, ``dit/flow/*.yaml``."""
+    return _PACKAGE / "configs"
+
+
+def weights_dir() -> Path:
+    """Where pretrained tags (``name.hcv_digits``) resolve: ``$HCV_WEIGHTS_DIR`` if set (a folder of your own
+    weights with its ``index.json``), else the weights shipped in the package."""
+    env = os.environ.get("HCV_WEIGHTS_DIR")
+    return Path(env) if env else _PACKAGE / "weights"
+
+
+def list_recipes() -> Dict[str, Path]:
+    """Recipe name -> file: ``digits_dhc2`` -> ``.../configs/cls/digits_dhc2.yaml`` (``dit/flow`` ones are
+    ``sit_b_2_res`` etc.). Names are unique across the folders (a test checks it)."""
+    root = recipes_dir()
+    return {p.stem: p for p in sorted(root.rglob("*.yaml"))} if root.is_dir() else {}
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """``--config``'s argument: an existing YAML file, or the name of a packaged recipe (``digits_dhc2``,
+    ``cls/digits_dhc2``, ``configs/cls/digits_dhc2.yaml`` as written in the README)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    recipes = list_recipes()
+    if path.stem in recipes:  # a name, or a README path such as configs/cls/digits_dhc2.yaml run from elsewhere
+        return recipes[path.stem]
+    raise UsageError(f"--config {name_or_path!r} is neither an existing YAML file nor a recipe name; accepted: a "
+                     f"file, or one of {', '.join(recipes) or '(no recipe packaged)'}")

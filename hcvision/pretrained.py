@@ -9,8 +9,9 @@ Accepted sources (what timm users type):
 * a timm model name with or without tag, e.g. ``vit_small_patch16_224.augreg_in21k`` or
   ``vit_digits_patch2_8_res.hcv_digits`` (its pretrained cfg: a local file, a Hub id or a URL).
 
-Hub and URL sources are taken from the local caches when present. Otherwise, with ``HF_HUB_OFFLINE=1`` or without a
-network, they fail with a :class:`~hcvision.cli.UsageError` naming the local alternatives, before a run writes
+Hub and URL sources are taken from the local caches when present. Otherwise, with ``HF_HUB_OFFLINE=1``, or when the
+host does not answer within :data:`PROBE_SECONDS` (checked before any download, which would retry for a minute),
+they fail at once with a :class:`~hcvision.cli.UsageError` naming the local alternatives, before a run writes
 anything.
 
 Loading goes through timm's own pretrained path (``build_model_with_cfg`` -> ``load_pretrained``) with the file and
@@ -22,9 +23,12 @@ Pre-Norm-equivalent init (HC Eq. 14, FC Eq. 15), so an upcycled residual model c
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
+from urllib.parse import urlsplit
 
 import torch
 
@@ -63,6 +67,29 @@ def _offline() -> bool:
                for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+PROBE_SECONDS = 5.0  # a host that has not answered by then is taken as unreachable (huggingface_hub retries ~60 s)
+
+
+def _answers(url: str, timeout: float = PROBE_SECONDS) -> bool:
+    """Whether ``url``'s host accepts a TCP connection within ``timeout`` seconds, name lookup included (in a
+    thread: ``getaddrinfo`` itself has no timeout)."""
+    parts = urlsplit(url)
+    port = parts.port or (80 if parts.scheme == "http" else 443)
+    answered = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            answered.append(True)
+        except (OSError, UnicodeError):
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
 def _unavailable(spec: str, why: str) -> UsageError:
     return UsageError(f"pretrained={spec!r} is not available here ({why}); accepted offline: {LOCAL_ALTERNATIVES}")
 
@@ -79,6 +106,11 @@ def _hub_file(spec: str, repo: str, filenames: Tuple[str, ...] = HUB_FILES) -> P
     if _offline():
         raise _unavailable(spec, f"Hub repository {repo_id!r} is not in the local Hugging Face cache and "
                                  "HF_HUB_OFFLINE is set")
+    from huggingface_hub import constants
+
+    if not _answers(constants.ENDPOINT):
+        raise _unavailable(spec, f"Hub repository {repo_id!r} is not in the local Hugging Face cache and "
+                                 f"{constants.ENDPOINT} did not answer within {PROBE_SECONDS:.0f} s")
     errors = []
     for name in filenames:
         try:
@@ -95,6 +127,9 @@ def _url_file(spec: str, url: str) -> Path:
         return cached
     if _offline():
         raise _unavailable(spec, f"{url} is not in torch hub's cache {str(cached.parent)!r} and HF_HUB_OFFLINE is set")
+    if not _answers(url):
+        raise _unavailable(spec, f"{url} is not in torch hub's cache {str(cached.parent)!r} and its host did not "
+                                 f"answer within {PROBE_SECONDS:.0f} s")
     from timm.models._hub import download_cached_file
 
     try:

@@ -45,5 +45,5 @@ def resolve_recipe(name_or_path: str) -> Path:
     recipes = list_recipes()
     if path.stem in recipes:  # a name, or a README path such as configs/cls/digits_dhc2.yaml run from elsewhere
         return recipes[path.stem]
-    raise UsageError(f"--config {name_or_path!r} is neither an existing YAML file nor a recipe name; accepted: a "
+    raise UsageError(f"--config {name_or_path!r} does not exist as a file and is not a recipe name; accepted: a YAML "
                      f"file, or one of {', '.join(recipes) or '(no recipe packaged)'}")

@@ -31,7 +31,8 @@ from hcvision import io
 from hcvision.data import classification_datasets
 from hcvision.data.sources import make_loader, parse_data
 from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, checked, train_main
-from hcvision.eval.classification import evaluate, evaluate_with_ema, load_classifier_weights
+from hcvision.engine.config import checked_model_kwargs
+from hcvision.eval.classification import evaluate, evaluate_with_ema, load_classifier_weights, recorded_classifier
 from hcvision.pretrained import create_pretrained, resolve_pretrained
 
 
@@ -47,7 +48,7 @@ class ClsConfig(BaseTrainConfig):
     weight_decay: float = 0.05
     warmup_steps: int = 100
     clip_grad: float = 1.0
-    # -- data (timm's create_dataset names; hcvision.data.sources) ----------------------------
+    # -- data (timm's create_dataset names; hcvision.data.sources) ---------------------------------
     data_dir: str = ""  # the issue's `data=`: '' digits, DIR (ImageFolder), wds/DIR (shards), hfds/NAME (HF datasets)
     data_root: str = ""  # hfds: the Hugging Face datasets cache (timm's --data-dir for hfds)
     train_split: str = "train"
@@ -58,11 +59,11 @@ class ClsConfig(BaseTrainConfig):
     auto_augment: str = ""  # timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1' (ImageFolder only)
     reprob: float = checked(0.0, lambda v: 0 <= v <= 1, "a probability in [0, 1]")  # random erasing (ImageFolder)
     eval_batch_size: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: default)")  # per device; 0: training's
-    # -- regularisation (timm's Mixup and label smoothing; 0 disables each) ------------------------
+    # -- optimisation: regularisation (timm's Mixup and label smoothing; 0 disables each) ----------
     mixup: float = checked(0.0, lambda v: v >= 0, "a number >= 0 (0 disables)")  # mixup alpha
     cutmix: float = checked(0.0, lambda v: v >= 0, "a number >= 0 (0 disables)")  # cutmix alpha
     smoothing: float = checked(0.0, lambda v: 0 <= v < 1, "a number in [0, 1)")
-    # -- evaluation and fine-tuning ------------------------------------------------------------
+    # -- evaluation and fine-tuning ----------------------------------------------------------------
     eval_only: bool = False
     checkpoint: str = ""  # eval_only: model.safetensors file, or a run / checkpoint directory
     pretrained: str = ""  # start from: FILE, local-dir:DIR, hf-hub:ORG/NAME or a timm name.tag (hcvision.pretrained)
@@ -107,6 +108,14 @@ class ClsLoss:
 
 def run(cfg: ClsConfig) -> int:
     """Train (or evaluate) as configured; returns the process exit code."""
+    if cfg.eval_only and cfg.checkpoint:  # the model its run recorded, unless model= is given (then they must agree)
+        name, recorded_kwargs = recorded_classifier(cfg.checkpoint)
+        if name and "model" in cfg.given_keys and name != cfg.model:
+            raise ConfigError(f"model={cfg.model!r} does not match checkpoint={cfg.checkpoint!r}, which holds a "
+                              f"{name!r}; drop model= to use the checkpoint's, or pass a matching checkpoint")
+        if name and "model" not in cfg.given_keys:
+            cfg.model = name
+            cfg.model_kwargs = checked_model_kwargs(name, {**recorded_kwargs, **cfg.model_kwargs})
     check_model_name(cfg.model)
     source = resolve_pretrained(cfg.pretrained) if cfg.pretrained else None  # offline hub: exit 2 before any write
     data = parse_data(cfg.data_dir, cfg.data_root)

@@ -33,6 +33,7 @@ from hcvision.diffusion import (DEFAULT_SAMPLER, OBJECTIVES, SAMPLERS, TIME_SAMP
 from hcvision.diffusion.guidance import resolve_guidance_channels
 from hcvision.diffusion.repa import DEFAULT_ENCODER, REPA, base_model, load_repa_encoder_for
 from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, checked, require, train_main
+from hcvision.engine.config import checked_model_kwargs
 from hcvision.eval import check_digits_classifier
 from hcvision.sample import sample_and_score
 
@@ -54,10 +55,10 @@ class DitConfig(BaseTrainConfig):
     ema_decay: float = 0.995  # DiT: 0.9999 over 400K+ updates; the demo has 2.2K
     log_every: int = 50
     cpu_threads: int = 1  # a 2nd thread buys little for a 1M-param DiT, costs ~3x on a busy 2-core box (measured)
-    # -- data ----------------------------------------------------------------------------------
+    # -- data --------------------------------------------------------------------------------------
     data_dir: str = ""  # '' = embedded digits (pixels); else a directory from `python -m hcvision.data.latents`
     hflip: bool = True  # latent/pixel directories: random horizontal flip (the stored flipped posterior)
-    # -- diffusion -----------------------------------------------------------------------------
+    # -- diffusion ---------------------------------------------------------------------------------
     objective: str = checked("ddpm", lambda v: v in OBJECTIVES, f"one of {OBJECTIVES}")  # ddpm: DiT's, flow: SiT's
     time_sampling: str = "uniform"  # flow: uniform (SiT, REPA) | logit_normal (SD3, LightningDiT); ddpm: uniform
     class_dropout_prob: float = checked(0.1, lambda v: 0 <= v < 1, "a number in [0, 1) (0: no guidance)")  # for CFG
@@ -67,7 +68,7 @@ class DitConfig(BaseTrainConfig):
     repa_encoder_model: str = DEFAULT_ENCODER  # its timm name (DINOv2-B/14)
     repa_encoder_kwargs: Dict[str, Any] = field(default_factory=dict)  # timm kwargs of the encoder (tests: tiny ones)
     repa_projector_dim: int = checked(2048, lambda v: v >= 1, "an integer >= 1")  # REPA's MLP projector width
-    # -- final sampling and evaluation ---------------------------------------------------------
+    # -- evaluation: final sampling and scoring ----------------------------------------------------
     eval_samples: int = checked(1000, lambda v: v >= 0, "an integer >= 0 (0 skips)")  # from the EMA model
     eval_scheduler: str = ""  # '' = the objective's default: ddpm (DDPM), sde (flow); see hcvision.diffusion.SAMPLERS
     eval_steps: int = checked(100, lambda v: 1 <= v <= 1000, "an integer in [1, 1000]")
@@ -83,6 +84,8 @@ class DitConfig(BaseTrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        self.repa_encoder_kwargs = checked_model_kwargs(self.repa_encoder_model, self.repa_encoder_kwargs,
+                                                        "repa_encoder_kwargs")
         require(self.time_sampling in (TIME_SAMPLINGS if self.objective == "flow" else ("uniform",)), "time_sampling",
                 self.time_sampling, f"one of {TIME_SAMPLINGS} for objective=flow, 'uniform' for objective=ddpm")
         require(self.eval_scheduler in ("", *SAMPLERS[self.objective]), "eval_scheduler", self.eval_scheduler,

@@ -64,50 +64,50 @@ class BaseTrainConfig:
     grad_accum_steps)`` so that the optimisation recipe does not change with the hardware.
     """
 
-    # -- model ---------------------------------------------------------------------------------
-    model: str = checked("", bool, "a timm model name")
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    # -- run -----------------------------------------------------------------------------------
-    output_dir: str = checked("runs/default", bool, "a directory path")
-    seed: int = 0
+    # -- model -------------------------------------------------------------------------------------
+    model: str = checked("", bool, "a timm model name")  # any registered name (timm.list_models('*_dhc2'))
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # model_kwargs.NAME=V: timm.create_model(model, NAME=V)
+    # -- run ---------------------------------------------------------------------------------------
+    output_dir: str = checked("runs/default", bool, "a directory path")  # config, checkpoints, logs, weights, results
+    seed: int = 0  # weights, data order, augmentation and noise all follow from it (resume is bit-exact)
     epochs: int = checked(1, lambda v: v >= 1, "an integer >= 1")
     # > 0: stop after this many optimiser steps; the LR schedule still spans `epochs`
     max_steps: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: no limit)")
     resume: str = checked("", lambda v: v in ("", "auto") or os.path.isdir(v), RESUME_HELP)
-    # -- optimisation --------------------------------------------------------------------------
-    global_batch_size: int = checked(128, lambda v: v >= 1, "an integer >= 1")
+    # -- optimisation ------------------------------------------------------------------------------
+    global_batch_size: int = checked(128, lambda v: v >= 1, "an integer >= 1")  # over all processes and accumulation
     grad_accum_steps: int = checked(1, lambda v: v >= 1, "an integer >= 1")
-    opt: str = "adamw"
-    lr: float = checked(1e-3, lambda v: v > 0 and _finite(v), "a finite number > 0")
+    opt: str = "adamw"  # a timm optimizer name (timm.optim.list_optimizers())
+    lr: float = checked(1e-3, lambda v: v > 0 and _finite(v), "a finite number > 0")  # peak learning rate
     betas: Tuple[float, float] = checked((0.9, 0.999), lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)")
     eps: float = checked(1e-8, lambda v: v > 0, "a number > 0")
     weight_decay: float = checked(0.05, lambda v: v >= 0, "a number >= 0")
     lr_schedule: str = checked("cosine", lambda v: v in LR_SCHEDULES, f"one of {LR_SCHEDULES}")
-    warmup_steps: int = checked(0, lambda v: v >= 0, "an integer >= 0")
+    warmup_steps: int = checked(0, lambda v: v >= 0, "an integer >= 0")  # linear warm-up, in optimiser steps
     min_lr: float = 0.0  # in [0, lr]
     clip_grad: float = checked(0.0, lambda v: v >= 0, "a number >= 0 (0 disables clipping)")
-    # -- precision / hardware --------------------------------------------------------------------
+    # LR multiplier for connection parameters (HC/FC/mHC)
+    connection_lr_scale: float = checked(1.0, lambda v: v > 0 and _finite(v), "a finite number > 0")
+    # layer-wise LR decay (BEiT; timm's --layer-decay): block i of L gets lr * layer_decay^(L - i); 1 = off
+    layer_decay: float = checked(1.0, lambda v: 0 < v <= 1, "a number in (0, 1] (1: off; ViT fine-tuning: 0.65-0.75)")
+    # -- run: precision and hardware ---------------------------------------------------------------
     mixed_precision: str = checked("no", lambda v: v in MIXED_PRECISION, f"one of {MIXED_PRECISION}")
     compile: bool = False  # torch.compile the trained model's forward in place (names, checkpoints, EMA unchanged)
     grad_checkpointing: bool = False  # recompute each block in backward (timm's set_grad_checkpointing): less memory
     num_workers: int = checked(0, lambda v: v >= 0, "an integer >= 0")
     # torch intra-op threads when training on CPU; 0 = torch's default (one per core)
     cpu_threads: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: default)")
-    # -- EMA -------------------------------------------------------------------------------------
-    ema: bool = False
+    # -- optimisation: EMA -------------------------------------------------------------------------
+    ema: bool = False  # keep an fp32 exponential moving average of the weights (model_ema.safetensors)
     ema_decay: float = checked(0.9999, lambda v: 0 < v < 1, "a number in (0, 1)")
-    # -- checkpoints and logging -----------------------------------------------------------------
+    # -- run: checkpoints and logging --------------------------------------------------------------
     # optimiser steps between checkpoints; 0: only at epoch ends
     checkpoint_every: int = checked(0, lambda v: v >= 0, "an integer >= 0")
     keep_checkpoints: int = checked(2, lambda v: v >= 1, "an integer >= 1")
     log_every: int = checked(10, lambda v: v >= 1, "an integer >= 1")
     diagnostics: bool = True  # connection diagnostics (hcvision.analysis.diagnostics) every log_every steps
-    # LR multiplier for connection parameters (HC/FC/mHC)
-    connection_lr_scale: float = checked(1.0, lambda v: v > 0 and _finite(v), "a finite number > 0")
-    # layer-wise LR decay (BEiT; timm's --layer-decay): block i of L gets lr * layer_decay^(L - i); 1 = off
-    layer_decay: float = checked(1.0, lambda v: 0 < v <= 1, "a number in (0, 1] (1: off; ViT fine-tuning: 0.65-0.75)")
-    tensorboard: bool = True
-    progress_bar: bool = True
+    tensorboard: bool = True  # TensorBoard logs in output_dir/tb (metrics.jsonl is always written)
+    progress_bar: bool = True  # a tqdm bar on rank 0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values outside their accepted range: first each :func:`checked` field,
@@ -122,6 +122,23 @@ class BaseTrainConfig:
         known = list_optimizers()
         if self.opt.lower() not in known:
             raise ConfigError(f"opt={self.opt!r} is not a timm optimizer{_suggest(self.opt, known)}")
+        self.model_kwargs = checked_model_kwargs(self.model, self.model_kwargs)
+
+
+def checked_model_kwargs(model: str, kwargs: Dict[str, Any], key: str = "model_kwargs") -> Dict[str, Any]:
+    """``kwargs`` checked against the arguments of ``model`` (:func:`hcvision.models.arguments.check_model_kwargs`),
+    when ``model`` is a registered name (an unknown name is reported by the trainer, with close names)."""
+    import timm
+
+    import hcvision.models  # noqa: F401  (registers the families)
+    from ..models.arguments import check_model_kwargs
+
+    if not kwargs or not timm.is_model(model):
+        return dict(kwargs)
+    try:
+        return check_model_kwargs(model, kwargs, key)
+    except UsageError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _field_checks(cls: type) -> Dict[str, Tuple[Callable[[Any], bool], str]]:
@@ -335,7 +352,11 @@ def parse_config(cls: Type[C], argv: Sequence[str] = (), *, defaults: Optional[D
     values: Dict[str, Any] = {}
     layers = [list((defaults or {}).items())]
     for path in config_files:
-        layers.append(list(load_yaml(resolve_recipe(path)).items()))
+        try:
+            path = resolve_recipe(path)
+        except UsageError as err:
+            raise ConfigError(str(err)) from None
+        layers.append(list(load_yaml(path).items()))
     layers.append(overrides)
     for layer in layers:
         for key, value in layer:
@@ -349,6 +370,9 @@ def parse_config(cls: Type[C], argv: Sequence[str] = (), *, defaults: Optional[D
             else:
                 _apply(values, key, value, hints, names)
     cfg = cls(**values)
+    # Which keys the user set (a file or the command line), for defaults that a run's own record can fill instead
+    # (train_cls eval_only takes the model from the checkpoint's run unless model= was given).
+    cfg.given_keys = frozenset(k.partition(".")[0] for layer in layers[1:] for k, _ in layer)
     cfg.validate()
     return cfg
 

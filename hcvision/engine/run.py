@@ -197,6 +197,13 @@ class Run:
 
 def train_main(config_cls: Type[BaseTrainConfig], run: Callable[[Any], int], argv: Optional[Sequence[str]],
                prog: str) -> int:
-    """``parse_config`` + ``run`` behind the one exit-code wrapper."""
-    return run_cli(lambda args: run(parse_config(config_cls, sys.argv[1:] if args is None else list(args))),
-                   argv, prog)
+    """``parse_config`` + ``run`` behind the one exit-code wrapper; ``-h`` / ``--help`` prints every key."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in args or "--help" in args:
+        from .help import config_help
+
+        doc = (sys.modules[run.__module__].__doc__ or "").strip().split("\n\n")[0]
+        invoked = os.path.basename(sys.argv[0]) if argv is None and sys.argv[0] else prog
+        print(config_help(config_cls, invoked if invoked != "__main__.py" else prog, doc), end="")
+        return 0
+    return run_cli(lambda a: run(parse_config(config_cls, a)), args, prog)

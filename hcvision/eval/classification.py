@@ -5,14 +5,14 @@ divide once at the end.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
 from ..cli import UsageError
 
 __all__ = ["topk_hits", "topk_correct", "topk_accuracy", "TopKAccumulator", "evaluate", "evaluate_with_ema",
-           "load_classifier_weights"]
+           "load_classifier_weights", "recorded_classifier"]
 
 
 def topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
@@ -122,3 +122,28 @@ def load_classifier_weights(model: torch.nn.Module, checkpoint: str, model_name:
                          "with the same classes or pass a matching checkpoint")
     io.load_state_into(model, state, source, model_name)
     return str(path)
+
+
+def recorded_classifier(checkpoint: str) -> Tuple[Optional[str], Dict[str, Any]]:
+    """The model name and kwargs a run recorded for ``checkpoint`` (a weights file, a run or checkpoint
+    directory): the weights' metadata, else the run's ``config.yaml``; ``(None, {})`` when neither says."""
+    import yaml
+
+    from .. import io
+
+    path = io.resolve_weights(checkpoint, ema=False)
+    name, kwargs = io.recorded_model(io.read_metadata(path), f"checkpoint {str(path)!r}")
+    if not name:  # e.g. an accelerate checkpoint directory: its run's config.yaml names the model
+        for run_dir in (path.parent, path.parent.parent.parent):
+            config = run_dir / "config.yaml"
+            if config.is_file():
+                try:
+                    recorded = yaml.safe_load(config.read_text()) or {}
+                except (OSError, yaml.YAMLError):
+                    break
+                if isinstance(recorded, dict) and isinstance(recorded.get("model"), str):
+                    name, kwargs = recorded["model"], dict(recorded.get("model_kwargs") or {})
+                break
+    kwargs.pop("num_classes", None)  # the data decides; a head that does not fit is reported on loading
+    return name, kwargs
+

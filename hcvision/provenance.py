@@ -37,7 +37,9 @@ def code_version(path: Optional[Path] = None) -> Dict[str, Any]:
     Outside a checkout (an installed wheel) ``commit`` and ``dirty`` are ``None``.
     """
     root = Path(path) if path is not None else _REPO
-    commit = _git(["rev-parse", "HEAD"], root)
+    top = _git(["rev-parse", "--show-toplevel"], root)
+    # An installed package inside someone else's repository (a venv in a project folder) is not that checkout.
+    commit = _git(["rev-parse", "HEAD"], root) if top and Path(top).resolve() == root.resolve() else None
     dirty: Optional[bool] = None
     branch: Optional[str] = None
     if commit is not None:

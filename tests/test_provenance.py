@@ -51,3 +51,8 @@ def test_code_version_dirty_flag_and_outside_a_checkout(tmp_path):
     assert code_version(repo)["dirty"] is False
     (repo / "a.txt").write_text("2")
     assert code_version(repo)["dirty"] is True
+    # A package installed inside another repository (a venv in a project folder) does not take that repository's
+    # commit as its own.
+    inner = repo / ".venv" / "site-packages"
+    inner.mkdir(parents=True)
+    assert code_version(inner)["commit"] is None

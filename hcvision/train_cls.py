@@ -20,7 +20,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -69,8 +69,8 @@ class ClsConfig(BaseTrainConfig):
     recount: int = checked(1, *TF["recount"])  # train: most random-erasing regions per image
     interpolation: str = checked("", *TF["interpolation"])  # resize filter; 'random': per training image
     crop_pct: float = checked(0.0, *TF["crop_pct"])  # eval: centre-crop fraction
-    mean: Tuple[float, ...] = checked((), *TF["mean"])  # normalisation (digits too); in_chans=1: RGB -> luma
-    std: Tuple[float, ...] = checked((), *TF["std"])  # normalisation (digits too); in_chans=1: RGB -> luma
+    mean: Union[Tuple[float, ...], float] = checked((), *TF["mean"])  # normalisation (digits too); RGB->luma if 1 chan
+    std: Union[Tuple[float, ...], float] = checked((), *TF["std"])  # normalisation (digits too); RGB->luma if 1 chan
     eval_batch_size: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: default)")  # per device; 0: training's
     # -- regularisation (timm's Mixup and label smoothing; 0 disables each) ------------------------
     mixup: float = checked(0.0, lambda v: v >= 0, "a number >= 0 (0 disables)")  # mixup alpha

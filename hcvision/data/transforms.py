@@ -11,18 +11,23 @@ value (its pretrained cfg, and the size and channels the model was built with), 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..cli import UsageError
 
-__all__ = ["AUTO_AUGMENT_POLICIES", "CHECKS", "INTERPOLATIONS", "RE_MODES", "LUMA", "TransformOptions", "channel_stats",
-           "model_in_chans", "resolve_data_config", "build_timm_transform"]
+__all__ = ["AUTO_AUGMENT_POLICIES", "CHECKS", "INTERPOLATIONS", "LUMA", "RE_MODES", "TransformOptions", "as_tuple",
+           "build_timm_transform", "channel_stats", "model_in_chans", "resolve_data_config"]
 
 AUTO_AUGMENT_POLICIES = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")  # timm's auto_augment.py
 INTERPOLATIONS = ("", "random", "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 RE_MODES = ("const", "rand", "pixel")  # timm's RandomErasing fill modes
+def as_tuple(value: Union[float, Sequence[float]]) -> Tuple[float, ...]:
+    """A mean or std given as one number (``mean=0.5``, timm's ``--mean 0.5``) or as several."""
+    return (float(value),) if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+
+
 PROBABILITY = (lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 # Each key's accepted values, for the config fields that carry them (ClsConfig: checked(default, *CHECKS[key])).
 CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
@@ -38,8 +43,8 @@ CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "recount": (lambda v: v >= 1, "an integer >= 1"),
     "interpolation": (lambda v: v in INTERPOLATIONS, f"one of {INTERPOLATIONS} ('': the model's)"),
     "crop_pct": (lambda v: 0 <= v <= 1, "a number in (0, 1], or 0 (the model's)"),
-    "mean": (lambda v: len(v) in (0, 1, 3), "[] (the model's), one number, or one per channel (1 or 3)"),
-    "std": (lambda v: len(v) in (0, 1, 3) and all(x > 0 for x in v),
+    "mean": (lambda v: len(as_tuple(v)) in (0, 1, 3), "[] (the model's), one number, or one per channel (1 or 3)"),
+    "std": (lambda v: len(as_tuple(v)) in (0, 1, 3) and all(x > 0 for x in as_tuple(v)),
             "[] (the model's), one number > 0, or one per channel (1 or 3)"),
     "img_size": (lambda v: v >= 0, "an integer >= 0 (0: the model's)"),
 }
@@ -74,7 +79,8 @@ class TransformOptions:
     @classmethod
     def from_config(cls, cfg: Any) -> "TransformOptions":
         """The options of a config object that has these fields (``ClsConfig``)."""
-        return cls(**{f.name: tuple(v) if isinstance(v := getattr(cfg, f.name), list) else v for f in fields(cls)})
+        values = {f.name: getattr(cfg, f.name) for f in fields(cls)}
+        return cls(**{**values, **{k: as_tuple(values[k]) for k in ("scale", "ratio", "mean", "std")}})
 
     def changed(self) -> Dict[str, Any]:
         """The keys set to something other than their default, in declaration order."""

@@ -94,6 +94,23 @@ def test_transform_keys_reach_timm_create_transform(tmp_path):
     assert _of_type(val.transform, T.Resize)[0].interpolation == T.InterpolationMode.BICUBIC  # the model's cfg
 
 
+def test_transform_keys_reach_webdataset_and_hf_dataset_sources(tmp_path, monkeypatch):
+    from test_data_sources import digits_png, write_hf_dataset, write_shards
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    samples = {"train": digits_png("train", 8), "validation": digits_png("val", 8)}
+    keys = ["model=vit_digits_patch2_8_res", "scale=1,1", "hflip=0.125", "mean=0.25", "train_num_samples=8"]
+    wds = write_shards(tmp_path / "wds", samples)
+    hf = write_hf_dataset(tmp_path / "hf", samples)
+    for data in (f"data_dir=wds/{wds}", f"data_dir=hfds/{hf}"):
+        train, val, _, _ = _datasets(keys + [data, f"data_root={tmp_path / 'cache'}"])
+        t = train.transform
+        assert _of_type(t, T.RandomHorizontalFlip)[0].p == 0.125, data
+        assert torch.allclose(_of_type(val.transform, T.Normalize)[0].mean, torch.tensor([0.25]))
+        assert next(iter(val))[0].shape == (1, 8, 8)  # grey, as the one-channel digits model takes
+
+
 def test_unset_keys_are_timm_train_py_defaults_and_the_models_cfg():
     """Defaults = timm train.py's flags; the sentinels take the model's pretrained cfg as timm's resolve_data_config."""
     import timm

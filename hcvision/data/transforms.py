@@ -105,6 +105,7 @@ def channel_stats(values: Sequence[float], in_chans: int, key: str) -> Tuple[flo
 
 
 def model_in_chans(model: torch.nn.Module) -> int:
+    """The input channels the model was built with (its patch embedding's, else its pretrained cfg's)."""
     proj = getattr(getattr(model, "patch_embed", None), "proj", None)
     return proj.in_channels if proj is not None else model.pretrained_cfg.get("input_size", (3,))[0]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -155,9 +154,10 @@ def export_image_folder(root: os.PathLike | str) -> Dict[str, int]:
     _check_target(root)
     images, labels = _load()
     counts = np.rint(images[:, 0] * DIGITS_LEVELS).astype(np.int64)  # the integer counts, exactly (k/16 is exact)
+    tmp = root.parent / f".{root.name}.export-{os.getpid()}"  # beside root: the final rename stays on one file system
     try:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed export that had this process id
+        tmp.mkdir(parents=True)  # (mkdir honours the umask, where mkdtemp would make it private)
     except OSError as e:  # e.g. a read-only file system, which os.access does not see for root
         raise UsageError(f"--export {str(root)!r} cannot be created ({e.strerror}); accepted: a new or empty "
                          "directory in a writable place") from None
@@ -168,7 +168,7 @@ def export_image_folder(root: os.PathLike | str) -> Dict[str, int]:
                 (tmp / split / str(c)).mkdir(parents=True)
             for i in idx:
                 grey = (counts[i] * DIGITS_PNG_STEP).astype(np.uint8)
-                Image.fromarray(grey, mode="L").save(tmp / split / str(int(labels[i])) / f"{int(i):04d}.png")
+                Image.fromarray(grey).save(tmp / split / str(int(labels[i])) / f"{int(i):04d}.png")
             written[split] = len(idx)
         if root.is_dir():
             root.rmdir()  # empty (checked): rename() needs the name free

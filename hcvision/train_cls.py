@@ -38,7 +38,11 @@ from hcvision.pretrained import create_pretrained, resolve_pretrained
 
 @dataclass
 class ClsConfig(BaseTrainConfig):
-    """Classification run.  Defaults are the digits demo recipe (DHCx2 digits ViT on CPU)."""
+    """Classification run.  Defaults are the digits demo recipe (DHCx2 digits ViT on CPU).
+
+    The transform keys (``img_size`` to ``std``) are timm ``train.py``'s, passed to timm's ``create_transform`` for
+    image data (DIR, wds/, hfds/; :mod:`hcvision.data.transforms`); the embedded digits take only ``mean`` and ``std``
+    and refuse the others. ``''``, ``0`` and ``[]`` mean the model's value (its pretrained cfg)."""
 
     model: str = "vit_digits_patch2_8_dhc2"
     output_dir: str = "runs/digits_dhc2"
@@ -55,22 +59,20 @@ class ClsConfig(BaseTrainConfig):
     val_split: str = ""  # '' = 'val' for folders, 'validation' for wds/hfds (timm train.py's default)
     train_num_samples: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: from _info.json)")  # wds epoch size
     digits_augment: bool = False  # embedded digits only: +-1 pixel random translation (hurt top-1 in our runs)
-    # Image transforms: timm's create_transform, keys named as timm train.py's flags, for image data (DIR, wds/,
-    # hfds/); the embedded digits take only mean and std. '', 0 and [] mean the model's value (its pretrained cfg).
-    img_size: int = checked(0, *TF["img_size"])  # image data: input size (must fit the model)
-    scale: Tuple[float, float] = checked((0.08, 1.0), *TF["scale"])  # train: crop area range; 1,1 = whole image
-    ratio: Tuple[float, float] = checked((3 / 4, 4 / 3), *TF["ratio"])  # train: crop aspect range; 1,1 = square
-    hflip: float = checked(0.5, *TF["hflip"])  # train: horizontal flip probability
-    vflip: float = checked(0.0, *TF["vflip"])  # train: vertical flip probability
-    color_jitter: float = checked(0.4, *TF["color_jitter"])  # train: brightness/contrast/saturation jitter
-    auto_augment: str = checked("", *TF["auto_augment"])  # train: timm auto-augment policy (train.py's --aa)
-    reprob: float = checked(0.0, *TF["reprob"])  # train: random-erasing probability
-    remode: str = checked("pixel", *TF["remode"])  # train: random-erasing fill
-    recount: int = checked(1, *TF["recount"])  # train: most random-erasing regions per image
-    interpolation: str = checked("", *TF["interpolation"])  # resize filter; 'random': per training image
-    crop_pct: float = checked(0.0, *TF["crop_pct"])  # eval: centre-crop fraction
-    mean: Union[Tuple[float, ...], float] = checked((), *TF["mean"])  # normalisation (digits too); RGB->luma if 1 chan
-    std: Union[Tuple[float, ...], float] = checked((), *TF["std"])  # normalisation (digits too); RGB->luma if 1 chan
+    img_size: int = checked(0, *TF["img_size"])  # image data: input size (0: the model's)
+    scale: Tuple[float, float] = checked((0.08, 1.0), *TF["scale"])  # image data, train: crop area range (1,1: all)
+    ratio: Tuple[float, float] = checked((3 / 4, 4 / 3), *TF["ratio"])  # image data, train: crop aspect range
+    hflip: float = checked(0.5, *TF["hflip"])  # image data, train: horizontal flip probability
+    vflip: float = checked(0.0, *TF["vflip"])  # image data, train: vertical flip probability
+    color_jitter: float = checked(0.4, *TF["color_jitter"])  # image data, train: brightness/contrast/saturation
+    auto_augment: str = checked("", *TF["auto_augment"])  # image data, train: timm auto-augment policy (--aa)
+    reprob: float = checked(0.0, *TF["reprob"])  # image data, train: random-erasing probability
+    remode: str = checked("pixel", *TF["remode"])  # image data, train: random-erasing fill
+    recount: int = checked(1, *TF["recount"])  # image data, train: most random-erasing regions per image
+    interpolation: str = checked("", *TF["interpolation"])  # image data: resize filter ('random': per train image)
+    crop_pct: float = checked(0.0, *TF["crop_pct"])  # image data, eval: centre-crop fraction (0: the model's)
+    mean: Union[Tuple[float, ...], float] = checked((), *TF["mean"])  # normalisation, images and digits ([]: model's)
+    std: Union[Tuple[float, ...], float] = checked((), *TF["std"])  # normalisation, images and digits ([]: model's)
     eval_batch_size: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: default)")  # per device; 0: training's
     # -- regularisation (timm's Mixup and label smoothing; 0 disables each) ------------------------
     mixup: float = checked(0.0, lambda v: v >= 0, "a number >= 0 (0 disables)")  # mixup alpha

@@ -20,7 +20,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 import hcvision  # noqa: F401  (registers the hcvision models with timm)
 from hcvision import io
-from hcvision.data import classification_datasets
+from hcvision.data import TransformOptions, classification_datasets
+from hcvision.data.transforms import CHECKS as TF
 from hcvision.data.sources import make_loader, parse_data
 from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, checked, train_main
 from hcvision.engine.config import checked_model_kwargs
@@ -38,7 +39,11 @@ from hcvision.pretrained import create_pretrained, resolve_pretrained
 
 @dataclass
 class ClsConfig(BaseTrainConfig):
-    """Classification run.  Defaults are the digits demo recipe (DHCx2 digits ViT on CPU)."""
+    """Classification run.  Defaults are the digits demo recipe (DHCx2 digits ViT on CPU).
+
+    The transform keys (``img_size`` to ``std``) are timm ``train.py``'s, passed to timm's ``create_transform`` for
+    image data (DIR, wds/, hfds/; :mod:`hcvision.data.transforms`); the embedded digits take only ``mean`` and ``std``
+    and refuse the others. ``''``, ``0`` and ``[]`` mean the model's value (its pretrained cfg)."""
 
     model: str = "vit_digits_patch2_8_dhc2"
     output_dir: str = "runs/digits_dhc2"
@@ -54,10 +59,21 @@ class ClsConfig(BaseTrainConfig):
     train_split: str = "train"
     val_split: str = ""  # '' = 'val' for folders, 'validation' for wds/hfds (timm train.py's default)
     train_num_samples: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: from _info.json)")  # wds epoch size
-    digits_augment: bool = False  # +-1 pixel random translation (hurt top-1 on 8x8 digits in our runs)
-    img_size: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: default)")  # 0: the model's (ImageFolder only)
-    auto_augment: str = ""  # timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1' (ImageFolder only)
-    reprob: float = checked(0.0, lambda v: 0 <= v <= 1, "a probability in [0, 1]")  # random erasing (ImageFolder)
+    digits_augment: bool = False  # embedded digits only: +-1 pixel random translation (hurt top-1 in our runs)
+    img_size: int = checked(0, *TF["img_size"])  # image data: input size (0: the model's)
+    scale: Tuple[float, float] = checked((0.08, 1.0), *TF["scale"])  # image data, train: crop area range (1,1: all)
+    ratio: Tuple[float, float] = checked((3 / 4, 4 / 3), *TF["ratio"])  # image data, train: crop aspect range
+    hflip: float = checked(0.5, *TF["hflip"])  # image data, train: horizontal flip probability
+    vflip: float = checked(0.0, *TF["vflip"])  # image data, train: vertical flip probability
+    color_jitter: float = checked(0.4, *TF["color_jitter"])  # image data, train: brightness/contrast/saturation
+    auto_augment: str = checked("", *TF["auto_augment"])  # image data, train: timm auto-augment policy (--aa)
+    reprob: float = checked(0.0, *TF["reprob"])  # image data, train: random-erasing probability
+    remode: str = checked("pixel", *TF["remode"])  # image data, train: random-erasing fill
+    recount: int = checked(1, *TF["recount"])  # image data, train: most random-erasing regions per image
+    interpolation: str = checked("", *TF["interpolation"])  # image data: resize filter ('random': per train image)
+    crop_pct: float = checked(0.0, *TF["crop_pct"])  # image data, eval: centre-crop fraction (0: the model's)
+    mean: Union[Tuple[float, ...], float] = checked((), *TF["mean"])  # normalisation, images and digits ([]: model's)
+    std: Union[Tuple[float, ...], float] = checked((), *TF["std"])  # normalisation, images and digits ([]: model's)
     eval_batch_size: int = checked(0, lambda v: v >= 0, "an integer >= 0 (0: default)")  # per device; 0: training's
     # -- optimisation: regularisation (timm's Mixup and label smoothing; 0 disables each) ----------
     mixup: float = checked(0.0, lambda v: v >= 0, "a number >= 0 (0 disables)")  # mixup alpha
@@ -121,9 +137,9 @@ def run(cfg: ClsConfig) -> int:
     data = parse_data(cfg.data_dir, cfg.data_root)
     meta_model = io.create_model(cfg.model, cfg.model_kwargs, meta=True)  # for its cfg: mean/std, size, channels
     train_set, val_set, num_classes, collate = classification_datasets(
-        data, meta_model, seed=cfg.seed, digits_augment=cfg.digits_augment, img_size=cfg.img_size,
-        auto_augment=cfg.auto_augment, reprob=cfg.reprob, train_split=cfg.train_split, val_split=cfg.val_split,
-        train_num_samples=cfg.train_num_samples, num_classes=cfg.model_kwargs.get("num_classes"))
+        data, meta_model, seed=cfg.seed, digits_augment=cfg.digits_augment, transform=TransformOptions.from_config(cfg),
+        train_split=cfg.train_split, val_split=cfg.val_split, train_num_samples=cfg.train_num_samples,
+        num_classes=cfg.model_kwargs.get("num_classes"))
     kwargs = {**cfg.model_kwargs, "num_classes": num_classes}
     start = {"pretrained": source.record()} if source else {}
     with Run(cfg, "train_cls", writes=not cfg.eval_only) as run:

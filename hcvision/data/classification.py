@@ -8,20 +8,19 @@ import torch
 
 from ..cli import UsageError
 from .digits import DigitsDataset
-from .folder import SafeImageFolder, SeededTransformDataset, build_timm_transform, check_image_folder, collate_skip_bad
+from .folder import SafeImageFolder, SeededTransformDataset, check_image_folder, collate_skip_bad
 from .sources import DataSource, default_val_split, hfds_dataset, wds_dataset
+from .transforms import TransformOptions, build_timm_transform, model_in_chans
 
-__all__ = ["classification_datasets", "check_input_size", "digits_collate", "model_in_chans"]
+# The embedded digits are tensors already: of the transform keys only the normalisation applies to them.
+DIGITS_KEYS = ("mean", "std")
+
+__all__ = ["classification_datasets", "check_input_size", "digits_collate", "model_in_chans", "DIGITS_KEYS"]
 
 
 def digits_collate(batch: Sequence[Tuple[torch.Tensor, int]]) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Stack a digits batch; the trailing 0 is the count of unreadable files (the folder collate's contract)."""
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch]), 0
-
-
-def model_in_chans(model: torch.nn.Module) -> int:
-    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-    return proj.in_channels if proj is not None else model.pretrained_cfg.get("input_size", (3,))[0]
 
 
 def check_input_size(model: torch.nn.Module, img_size: int) -> None:
@@ -38,27 +37,49 @@ def check_input_size(model: torch.nn.Module, img_size: int) -> None:
 
 
 def classification_datasets(source: DataSource, model: torch.nn.Module, *, seed: int = 0, digits_augment: bool = False,
-                            img_size: int = 0, auto_augment: str = "", reprob: float = 0.0, train_split: str = "train",
+                            transform: Optional[TransformOptions] = None, train_split: str = "train",
                             val_split: str = "", train_num_samples: int = 0,
                             num_classes: Optional[int] = None
                             ) -> Tuple[Any, Any, int, Callable]:
-    """(train set, val set, number of classes, collate_fn) with the model's preprocessing (mean/std, size).
+    """(train set, val set, number of classes, collate_fn) with the model's preprocessing under ``transform``.
 
+    Image sources go through timm's transforms (:mod:`.transforms`), decoded to RGB or, for a model with
+    ``in_chans=1``, to grey. The embedded digits take only ``mean``/``std`` of the transform keys (and
+    ``digits_augment``); any other key set there is an error, as is ``digits_augment`` for an image source.
     ``val_split`` '' is the source's default (:func:`.sources.default_val_split`). ``num_classes`` (the model's class
     count when it was given, else None) must match the data's; WebDataset shards whose ``_info.json`` does not give a
     class count take it from there. ``img_size`` must fit the model (:func:`check_input_size`).
     """
+    options = transform or TransformOptions()
     if source.kind == "digits":
-        mean, std = model.pretrained_cfg.get("mean", (0.5,)), model.pretrained_cfg.get("std", (0.5,))
+        stray = {k: v for k, v in options.changed().items() if k not in DIGITS_KEYS}
+        if stray:
+            key, value = next(iter(stray.items()))
+            raise UsageError(f"{key}={list(value) if isinstance(value, tuple) else value!r} does not apply to the "
+                             "embedded digits (data_dir=''), which take only mean, std and digits_augment; drop "
+                             f"{', '.join(stray)}, or export the digits as an image folder (python -m "
+                             "hcvision.data.digits --export DIR) and train with data_dir=DIR")
+        mean = options.mean or model.pretrained_cfg.get("mean", (0.5,))
+        std = options.std or model.pretrained_cfg.get("std", (0.5,))
+        for key, values in (("mean", options.mean), ("std", options.std)):
+            if len(values) > 1:
+                raise UsageError(f"{key}={list(values)} has {len(values)} values but the embedded digits have one "
+                                 "channel; accepted: one value, or [] (the model's)")
         train = DigitsDataset("train", mean, std, augment=digits_augment, seed=seed)
         val, classes, collate = DigitsDataset("val", mean, std), DigitsDataset.num_classes, digits_collate
     else:
-        check_input_size(model, img_size)
+        if digits_augment:
+            raise UsageError(f"digits_augment=true applies to the embedded digits only, not to data_dir="
+                             f"{source.describe()!r}; accepted: scale, ratio, hflip, vflip, color_jitter, "
+                             "auto_augment, reprob for image data")
+        check_input_size(model, options.img_size)
         val_split = val_split or default_val_split(source)
         in_chans = model_in_chans(model)
+        if in_chans not in (1, 3):
+            raise UsageError(f"the model takes in_chans={in_chans} but images decode to 1 (grey) or 3 (RGB) channels; "
+                             "accepted: model_kwargs.in_chans=1 or 3 for data_dir=" + repr(source.describe()))
         mode = "L" if in_chans == 1 else "RGB"
-        t_train = build_timm_transform(model, True, img_size=img_size, auto_augment=auto_augment, reprob=reprob)
-        t_val = build_timm_transform(model, False, img_size=img_size)
+        t_train, t_val = build_timm_transform(model, True, options), build_timm_transform(model, False, options)
         collate = collate_skip_bad
         if source.kind == "wds":
             train, info_classes = wds_dataset(source, train_split, t_train, training=True, seed=seed,

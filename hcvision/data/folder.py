@@ -1,4 +1,4 @@
-"""ImageFolder data (``data_dir/{train,val}/<class>/<image>``) with timm transforms.
+"""ImageFolder data (``data_dir/{train,val}/<class>/<image>``), transformed by :mod:`.transforms`.
 
 Unreadable images are skipped, not fatal: the sample comes back as ``None``, a warning names the
 file, and :func:`collate_skip_bad` drops it and reports the count in the batch so the training
@@ -20,8 +20,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..cli import UsageError
 
-__all__ = ["SafeImageFolder", "SeededTransformDataset", "collate_skip_bad", "check_image_folder", "build_timm_transform",
-           "seeded_call", "probe_readable"]
+__all__ = ["SafeImageFolder", "SeededTransformDataset", "collate_skip_bad", "check_image_folder", "seeded_call",
+           "probe_readable"]
 
 SPLITS = ("train", "val")
 
@@ -155,21 +155,3 @@ def collate_skip_bad(batch: Sequence[Optional[Tuple[Any, int]]],
         good = [b if b is not None else blank for b in batch]
     images, targets = default_collate(good)
     return images, targets, skipped
-
-
-def build_timm_transform(model: torch.nn.Module, is_training: bool, *, img_size: int = 0,
-                         auto_augment: Optional[str] = None, reprob: float = 0.0) -> Callable:
-    """timm's train/eval transform for ``model`` (its pretrained cfg sets size, mean, std, crop)."""
-    from timm.data import create_transform, resolve_data_config
-
-    args = {}
-    if img_size:
-        chans = getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0]
-        args["input_size"] = (chans, img_size, img_size)
-    data_cfg = resolve_data_config(args, model=model)
-    kwargs = dict(input_size=data_cfg["input_size"], interpolation=data_cfg["interpolation"],
-                  mean=data_cfg["mean"], std=data_cfg["std"], crop_pct=data_cfg["crop_pct"],
-                  crop_mode=data_cfg.get("crop_mode", "center"), is_training=is_training)
-    if is_training:
-        kwargs.update(auto_augment=auto_augment or None, re_prob=reprob)
-    return create_transform(**kwargs)

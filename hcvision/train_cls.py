@@ -54,7 +54,7 @@ class ClsConfig(BaseTrainConfig):
     warmup_steps: int = 100
     clip_grad: float = 1.0
     # -- data (timm's create_dataset names; hcvision.data.sources) ---------------------------------
-    data_dir: str = ""  # the issue's `data=`: '' digits, DIR (ImageFolder), wds/DIR (shards), hfds/NAME (HF datasets)
+    data_dir: str = ""  # '' the embedded digits, DIR (ImageFolder), wds/DIR (shards), hfds/NAME (HF datasets)
     data_root: str = ""  # hfds: the Hugging Face datasets cache (timm's --data-dir for hfds)
     train_split: str = "train"
     val_split: str = ""  # '' = 'val' for folders, 'validation' for wds/hfds (timm train.py's default)

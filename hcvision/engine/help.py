@@ -72,8 +72,13 @@ def _declarations(klass: type) -> Dict[str, Tuple[Optional[str], str]]:
 
 def _type_text(tp: object) -> str:
     origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return " or ".join(_type_text(a) for a in typing.get_args(tp))
     if origin in (tuple, typing.Tuple):
-        return "list[" + ", ".join(_type_text(a) for a in typing.get_args(tp) if a is not Ellipsis) + "]"
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list[{_type_text(args[0])}, ...]"
+        return "list[" + ", ".join(_type_text(a) for a in args) + "]"
     if origin in (dict, typing.Dict):
         return "mapping"
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))

@@ -11,7 +11,7 @@ from typing import Iterable
 import timm
 import torch
 
-from ._registry import CONNECTION_VARIANTS
+from ._registry import connection_variants
 
 __all__ = ["count_parameters", "zoo_rows", "zoo_markdown"]
 
@@ -33,7 +33,8 @@ def zoo_rows(prefix: str) -> Iterable[tuple[str, list[tuple[int, int]]]]:
     """(architecture, [(params, extra vs _res) per connection variant]) for every registered architecture."""
     for arch in _architectures(prefix):
         base = count_parameters(f"{arch}_res")
-        yield arch, [(count, count - base) for count in (count_parameters(f"{arch}_{s}") for s, _, _ in CONNECTION_VARIANTS)]
+        yield arch, [(count, count - base)
+                     for count in (count_parameters(f"{arch}_{s}") for s, _, _ in connection_variants())]
 
 
 def _fmt(params: int, extra: int) -> str:
@@ -42,8 +43,9 @@ def _fmt(params: int, extra: int) -> str:
 
 
 def zoo_markdown(prefix: str) -> str:
-    header = "| architecture | " + " | ".join(s for s, _, _ in CONNECTION_VARIANTS) + " |"
-    rule = "|---" * (len(CONNECTION_VARIANTS) + 1) + "|"
+    variants = connection_variants()
+    header = "| architecture | " + " | ".join(s for s, _, _ in variants) + " |"
+    rule = "|---" * (len(variants) + 1) + "|"
     lines = [header, rule]
     for arch, cells in zoo_rows(prefix):
         lines.append(f"| `{arch}` | " + " | ".join(_fmt(p, e) for p, e in cells) + " |")

@@ -123,10 +123,10 @@ class KromHCConnection(ManifoldConnection):
 
 
 kinds.register(kinds.KindRecord(
-    name="mhclite", title="mHC-lite (exactly doubly stochastic, permutations)", layout="copies", dynamic=True,
+    name="mhclite", title="mHC-lite, permutation-mixture Hyper-Connections", layout="copies", dynamic=True,
     build=MHCLiteConnection, options=MANIFOLD_OPTIONS + ("res_init_diag",) + FAST_OPTIONS + COMMON_OPTIONS,
     extra_parameters=manifold_parameters(math.factorial), rate_rule=_check_mhclite_rate))
 kinds.register(kinds.KindRecord(
-    name="kromhc", title="KromHC (exactly doubly stochastic, Kronecker)", layout="copies", dynamic=True,
+    name="kromhc", title="KromHC, Kronecker-product Hyper-Connections", layout="copies", dynamic=True,
     build=KromHCConnection, options=MANIFOLD_OPTIONS + ("res_init_logit",) + FAST_OPTIONS + COMMON_OPTIONS,
     extra_parameters=manifold_parameters(lambda n: 2 * (n.bit_length() - 1)), rate_rule=_check_kromhc_rate))

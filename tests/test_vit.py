@@ -13,7 +13,8 @@ import hcvision  # noqa: F401  (registers the models)
 from hcvision.connections import extra_parameters
 from hcvision.models.vit import VIT_SIZES
 
-SUFFIXES = ["res", "shc2", "shc4", "dhc2", "dhc4", "sfc2", "sfc4", "dfc2", "dfc4", "mhc2", "mhc4"]
+SUFFIXES = ["res", "shc2", "shc4", "dhc2", "dhc4", "sfc2", "sfc4", "dfc2", "dfc4", "mhc2", "mhc4",
+            "mhclite2", "mhclite4", "kromhc2", "kromhc4"]
 SIZES = ["tiny", "small", "base", "large", "huge"]
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ import torch
 from hcvision.connections import build_connection, expand_streams, reduce_streams
 from hcvision.connections.mhc import DEEPSEEK_EPS
 
+REPO = Path(__file__).resolve().parents[1]
 DIM = 6
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -280,3 +282,16 @@ def test_default_form_is_deepseeks_with_eps_zero(backend):
     *_, out_eps = _deepseek_reference(conn, H, branch, eps=DEEPSEEK_EPS)
     gap = (out_eps - out).abs().max().item()
     assert 0 < gap < 1e-4  # the eps terms move the output by O(n eps)
+
+
+def test_residue_script_reports_exact_kinds_at_rounding_and_mhc_off():
+    """benchmarks/doubly_stochastic.py, whose table the README quotes (fewer samples here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("doubly_stochastic", REPO / "benchmarks" / "doubly_stochastic.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for kind in ("mhclite", "kromhc"):
+        assert script.residue(kind, 4, 16.0, samples=256) <= 4 * 4 * EPS32
+    assert script.residue("mhc", 4, 4.0, samples=256) > 1e-2
+    assert script.residue("mhc", 4, 4.0, samples=256, sinkhorn_iters=200) < script.residue("mhc", 4, 4.0, samples=256)

@@ -76,7 +76,8 @@ class HCVisionTransformer(VisionTransformer):
     """timm ``VisionTransformer`` with connection kind ``connection`` at rate ``rate`` around every sublayer.
 
     Args (on top of timm's):
-        connection: ``residual``, ``shc``, ``dhc``, ``sfc``, ``dfc`` or ``mhc``.
+        connection: a registered connection kind (``hcvision.connections.kind_names()``: ``residual``, ``shc``,
+            ``dhc``, ``sfc``, ``dfc``, ``mhc``, ``mhclite``, ``kromhc``, ...).
         rate: expansion rate n (HC kinds), number of fractions m (FC kinds); 1 for residual.
         tanh: dynamic kinds apply tanh to their projections (HC Eqs. 11-13); ``False`` is the paper's ablation.
         connection_options: further options for ``build_connection`` (``scale_init``, ``norm``, ``gate_init``,

@@ -247,7 +247,7 @@ def test_bad_connection_arguments():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("suffix", [s for s in SUFFIXES if s not in ("mhclite4", "kromhc4")])  # n = 2 covers their code
 def test_torch_compile_trains(suffix):
     torch.manual_seed(0)
     model = timm.create_model(f"vit_digits_patch2_8_{suffix}", depth=1)  # compile time grows with depth

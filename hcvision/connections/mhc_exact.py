@@ -11,7 +11,7 @@ is doubly stochastic by construction (to the rounding of the dtype, at any logit
   columns, so ``n`` is capped at :data:`MHCLITE_MAX_STREAMS` (5! = 120 columns; 6! = 720 would outgrow the rest).
 * **KromHC** (arXiv 2601.21579): ``H_res = U_1 kron ... kron U_K``, ``K = log2 n``, ``U_k = [[p_k, 1-p_k], [1-p_k,
   p_k]]`` with ``(p_k, 1-p_k) = softmax`` of two logits per factor: the Kronecker product of doubly stochastic
-  matrices is doubly stochastic. ``n`` must be a power of 2; the projection has ``2K`` residual columns.
+  matrices is doubly stochastic. ``n`` must be a power of 2 (at least 2); the projection has ``2K`` residual columns.
 
 ``P_sigma[i, j] = 1`` iff ``j = sigma(i)`` (``sigma`` in ``itertools.permutations`` order, the identity first), and
 ``H_res`` acts as in mHC: ``x_out = H_res x + H_post^T F(H_pre x)`` (rows: output streams).
@@ -65,9 +65,9 @@ def _check_mhclite_rate(rate: int) -> None:
 
 
 def _check_kromhc_rate(rate: int) -> None:
-    if rate & (rate - 1):
-        raise ValueError(f"kromhc builds H_res from 2x2 Kronecker factors, so n must be a power of 2; got "
-                         f"rate={rate}, accepted: 1, 2, 4, 8, 16, ...")
+    if rate < 2 or rate & (rate - 1):  # n = 1 would leave alpha_res without a use (and has nothing to mix)
+        raise ValueError(f"kromhc builds H_res from 2x2 Kronecker factors, so n must be a power of 2 of at least 2; "
+                         f"got rate={rate}, accepted: 2, 4, 8, 16, ...")
 
 
 class MHCLiteConnection(ManifoldConnection):
@@ -114,8 +114,6 @@ class KromHCConnection(ManifoldConnection):
         return self.bias_res.detach().float().reshape(-1, 2)  # one softmax per factor
 
     def residual_mix(self, res: torch.Tensor) -> torch.Tensor:
-        if res.shape[-2] == 0:  # n = 1: the empty product
-            return res.new_ones(*res.shape[:-2], 1, 1)
         w = torch.softmax(res, dim=-1)  # (..., K, 2): (p_k, 1 - p_k)
         p, q = w[..., 0], w[..., 1]
         factors = torch.stack([torch.stack([p, q], -1), torch.stack([q, p], -1)], -2)  # (..., K, 2, 2)

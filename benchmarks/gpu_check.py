@@ -48,10 +48,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import hcvision  # noqa: E402,F401  (registers the models)
-from hcvision.connections import build_connection, stream_shape  # noqa: E402
+from hcvision.connections import build_connection, kind_records, stream_shape  # noqa: E402
 from hcvision.io import atomic_write  # noqa: E402
 
-KINDS = ("shc", "dhc", "sfc", "dfc", "mhc")
+KINDS = tuple(r.name for r in kind_records() if r.family is not None)  # the kinds with a fast path to check
 RATES = (2, 4)
 
 

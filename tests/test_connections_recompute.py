@@ -17,7 +17,8 @@ import hcvision.models.dit  # noqa: F401  (registers the names)
 import hcvision.models.vit  # noqa: F401
 from hcvision.connections import build_connection, connection_options, expand_streams, reduce_streams
 
-KIND_RATES = [("residual", 1)] + [(k, n) for k in ("shc", "dhc", "sfc", "dfc", "mhc") for n in (1, 2, 4)]
+KIND_RATES = [("residual", 1)] + [(k, n) for k in ("shc", "dhc", "sfc", "dfc", "mhc", "mhclite", "kromhc")
+                                  for n in (1, 2, 4) if (k, n) != ("kromhc", 1)]
 C, TOKENS, L = 8, (2, 3), 5
 
 

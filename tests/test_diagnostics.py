@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -162,3 +163,64 @@ def test_stream_similarity_fc_and_dit():
     s = stream_similarity(dit, x, forward=lambda mod, inp: mod(inp, t, y))  # DiT calls width() directly
     assert s["conn/stream_cos_min"] == pytest.approx(1.0, abs=1e-5)
     assert connection_diagnostics(dit)["conn/beta_mean"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gain monitors: distance from doubly stochastic, logit spread (no forward pass)
+# ---------------------------------------------------------------------------------------------------------------
+def test_doubly_stochastic_error_by_hand():
+    from hcvision.analysis.diagnostics import doubly_stochastic_error
+
+    ds = torch.tensor([[0.7, 0.3], [0.3, 0.7]])
+    rows_only = torch.tensor([[0.5, 0.5], [0.9, 0.1]])  # rows 1, columns 1.4 / 0.6
+    negative = torch.tensor([[1.2, -0.2], [-0.2, 1.2]])  # sums 1, an entry -0.2
+    err = doubly_stochastic_error(torch.stack([ds, rows_only, negative]))
+    torch.testing.assert_close(err, torch.tensor([0.0, 0.4, 0.2]), rtol=0, atol=1e-6)
+
+
+def test_monitors_at_init_by_hand():
+    """Spreads from the inits: mHC log(d (n-1) / (1-d)); mHC-lite the identity's lead log(a_id / u); KromHC 8."""
+    n, d = 4, 0.95
+    u = (1 - d) / (math.factorial(n) - math.factorial(n - 1))
+    expected = {"mhc4": math.log(d * (n - 1) / (1 - d)), "mhclite4": math.log((1 - 23 * u) / u), "kromhc4": 8.0}
+    for kind, spread in expected.items():
+        diag = connection_diagnostics(_model(kind))
+        assert diag["conn/res_logit_spread_max"] == pytest.approx(spread, rel=1e-5), kind
+        assert diag["conn/res_logit_spread_mean"] == pytest.approx(spread, rel=1e-5), kind
+        assert diag["conn/res_ds_err_max"] <= 1e-6, kind  # every init here is doubly stochastic
+        assert diag["conn/composite_gain_fwd"] == pytest.approx(1.0, abs=1e-5), kind
+    hc = connection_diagnostics(_model("dhc2"))
+    assert hc["conn/res_ds_err_max"] == 0.0 and "conn/res_logit_spread_max" not in hc
+
+
+@pytest.mark.parametrize("kind", ["mhc4", "mhclite4", "kromhc4", "kromhc2", "shc2"])
+def test_monitors_of_perturbed_models_match_direct_computation(kind):
+    m = _model(kind)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for c in _conns(m):
+            for p in c.static_parameters():
+                p.add_(3.0 * torch.randn(p.shape, generator=g))
+    d = connection_diagnostics(m)
+    errs, spreads = [], []
+    for c in _conns(m):  # per layer, with numpy, from each connection's own coefficients and biases
+        mix, _ = c.static_coefficients()
+        h = mix.detach().double().numpy()[:, c.num_inputs:].T
+        errs.append(max(np.abs(h.sum(1) - 1).max(), np.abs(h.sum(0) - 1).max(), max(0.0, -h.min())))
+        if hasattr(c, "bias_res"):
+            b = c.bias_res.detach().double().numpy()
+            groups = b.reshape(-1, 2) if c.kind == "kromhc" else b.reshape(1, -1)
+            spreads.append((groups.max(1) - groups.min(1)).max())
+    assert d["conn/res_ds_err_max"] == pytest.approx(max(errs), rel=1e-4, abs=1e-7)
+    assert d["conn/res_ds_err_mean"] == pytest.approx(np.mean(errs), rel=1e-4, abs=1e-7)
+    if spreads:
+        assert d["conn/res_logit_spread_max"] == pytest.approx(max(spreads), rel=1e-5)
+        assert d["conn/res_logit_spread_mean"] == pytest.approx(np.mean(spreads), rel=1e-5)
+    if kind.startswith(("mhclite", "kromhc")):  # exact by construction, also far from init
+        assert d["conn/res_ds_err_max"] <= 1e-6
+        assert d["conn/composite_gain_fwd"] == pytest.approx(1.0, abs=1e-5)
+        assert d["conn/composite_gain_bwd"] == pytest.approx(1.0, abs=1e-5)
+    elif kind.startswith("mhc"):  # Sinkhorn's residue at this logit scale
+        assert d["conn/res_ds_err_max"] > 1e-4
+    else:  # HC's A_r is unconstrained
+        assert d["conn/res_ds_err_max"] > 0.5

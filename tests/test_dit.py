@@ -16,7 +16,8 @@ import hcvision  # noqa: F401
 import hcvision.models.dit as dit  # registers the DiT family even before hcvision.models imports it
 from hcvision.connections import Connection, extra_parameters
 
-SUFFIXES = ["res", "shc2", "shc4", "dhc2", "dhc4", "sfc2", "sfc4", "dfc2", "dfc4", "mhc2", "mhc4"]
+SUFFIXES = ["res", "shc2", "shc4", "dhc2", "dhc4", "sfc2", "sfc4", "dfc2", "dfc4", "mhc2", "mhc4",
+            "mhclite2", "mhclite4", "kromhc2", "kromhc4"]
 KIND_OF = {s: (("residual", 1) if s == "res" else (s[:-1], int(s[-1]))) for s in SUFFIXES}
 # test-size DiT: 32-d, 2 blocks, 2 heads, 8x8x4 input, patch 2, 10 classes (matches the diffusers stand-in below)
 TINY = dict(embed_dim=32, depth=2, num_heads=2, input_size=8, num_classes=10)

@@ -34,3 +34,10 @@ def test_readme_quickstart_shows_make_demo_and_make_test_first():
 @pytest.mark.slow
 def test_readme_dit_zoo_table_is_current():
     assert _section(README.read_text(), "dit") == zoo_markdown("dit_")
+
+
+def test_readme_kinds_table_is_current():
+    """The connection API's kinds table: one row per registered kind, counts built on the meta device."""
+    from hcvision.models.zoo import kinds_markdown
+
+    assert _section(README.read_text(), "kinds") == kinds_markdown()

@@ -13,7 +13,8 @@ import hcvision  # noqa: F401  (registers the models)
 from hcvision.connections import extra_parameters
 from hcvision.models.vit import VIT_SIZES
 
-SUFFIXES = ["res", "shc2", "shc4", "dhc2", "dhc4", "sfc2", "sfc4", "dfc2", "dfc4", "mhc2", "mhc4"]
+SUFFIXES = ["res", "shc2", "shc4", "dhc2", "dhc4", "sfc2", "sfc4", "dfc2", "dfc4", "mhc2", "mhc4",
+            "mhclite2", "mhclite4", "kromhc2", "kromhc4"]
 SIZES = ["tiny", "small", "base", "large", "huge"]
 
 
@@ -246,7 +247,7 @@ def test_bad_connection_arguments():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("suffix", [s for s in SUFFIXES if s not in ("mhclite4", "kromhc4")])  # n = 2 covers their code
 def test_torch_compile_trains(suffix):
     torch.manual_seed(0)
     model = timm.create_model(f"vit_digits_patch2_8_{suffix}", depth=1)  # compile time grows with depth

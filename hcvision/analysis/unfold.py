@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..connections import FRAC_KINDS, Connection
+from ..connections import Connection, kind_record
 from .capture import captured_chunks
 
 __all__ = ["ConnectionMatrices", "connection_matrix", "unfold_matrices", "stream_maps"]
@@ -50,7 +50,7 @@ __all__ = ["ConnectionMatrices", "connection_matrix", "unfold_matrices", "stream
 
 def stream_maps(kind: str, num_streams: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The embedding's write map ``W^0`` (``k x n``) and the read-out ``A_m^{L+1}`` (``n x k``); see module doc."""
-    if kind in FRAC_KINDS:
+    if kind_record(kind).fractions:
         eye = torch.eye(num_streams)
         return eye, eye.clone()
     return torch.ones(1, num_streams), torch.ones(num_streams, 1)

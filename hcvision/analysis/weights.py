@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..connections import FRAC_KINDS
+from ..connections import kind_record, kind_records
 from .capture import captured_chunks
 
 __all__ = ["WeightDistribution", "connection_weights", "entry_names", "REDUCTIONS"]
@@ -28,7 +28,7 @@ def entry_names(kind: str, num_streams: int, num_inputs: int) -> list[tuple[str,
     n, k = num_streams, num_inputs
     out = [(f"beta_{j + 1}", 0, k + j) for j in range(n)]
     for i in range(n):
-        if kind in FRAC_KINDS:
+        if kind_record(kind).fractions:
             out += [(f"gamma_{i + 1}{s + 1}", 1 + i, s) for s in range(k)]
         else:
             out.append((f"alpha_{i + 1}0", 1 + i, 0))
@@ -105,7 +105,7 @@ def connection_weights(
         conn = call.module
         if not conn.dynamic:
             raise ValueError(f"connection kind {conn.kind!r} is static (one matrix for all inputs); weight "
-                             "distributions need a dynamic kind: dhc, dfc or mhc")
+                             f"distributions need a dynamic kind: {', '.join(r.name for r in kind_records() if r.dynamic)}")
         name, index = call.name, layer % L
         entries = entry_names(conn.kind, conn.num_streams, conn.num_inputs)
         mats = call.matrix.reshape(chunk.shape[0], -1, *call.matrix.shape[-2:])  # (B, N, 1+n, k+n)

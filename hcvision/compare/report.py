@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from ..io import write_json, write_text
-from .spec import MODEL_KIND_RE
+from .spec import model_kind_re
 
 __all__ = ["Run", "collect_runs", "describe", "paired_difference", "holm", "build_report", "write_report",
            "METRICS", "read_curves"]
@@ -102,10 +102,15 @@ def read_curves(path: Path) -> Dict[str, List[Tuple[int, float]]]:
 def _kind_of(config: Dict[str, Any], results: Dict[str, Any]) -> str:
     kw = config.get("model_kwargs") or {}
     if "connection" in kw:
+        from ..connections import kind_record
+
         conn = str(kw["connection"]).lower()
-        conn = "res" if conn in ("residual", "res") else conn
-        return conn if conn == "res" else f"{conn}{kw.get('rate', '')}"
-    m = MODEL_KIND_RE.search(str(config.get("model") or results.get("model", "")))
+        conn = "residual" if conn == "res" else conn
+        try:
+            return kind_record(conn).suffix(kw.get("rate", ""))
+        except ValueError:  # a kind this process does not know: label it as written
+            return f"{conn}{kw.get('rate', '')}"
+    m = model_kind_re().search(str(config.get("model") or results.get("model", "")))
     return m.group(1) if m else ""
 
 
@@ -375,7 +380,9 @@ def plot_curves(runs: List[Run], report: Dict[str, Any], out: Path) -> List[Path
 def _styles(variants: List[str], kinds: Dict[str, str], plt: Any) -> Dict[str, Tuple[Any, str]]:
     """Colour by connection family (res black), line style by rate (x2 solid, x4 dashed, ...); other grid values
     cycle through tab10."""
-    families = ["shc", "dhc", "sfc", "dfc", "mhc"]
+    from ..connections import kind_records
+
+    families = [r.tag for r in kind_records() if r.layout != "single"]
     tab = plt.get_cmap("tab10")
     dashes = ["-", "--", ":", "-."]
     rates = sorted({int(m.group(2)) for k in kinds.values() if (m := re.fullmatch(r"([a-z]+)(\d+)", k or ""))})

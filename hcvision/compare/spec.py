@@ -19,13 +19,45 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..cli import UsageError
 
-__all__ = ["SpecError", "Cell", "Spec", "build_spec", "parse_seeds", "parse_grid_arg", "KIND_HELP"]
+__all__ = ["SpecError", "Cell", "Spec", "build_spec", "parse_seeds", "parse_grid_arg", "kind_help", "kind_label_re",
+           "model_kind_re"]
 
 TRAINERS = {"cls": "hcvision.train_cls", "dit": "hcvision.train_dit"}  # run as `python -m MODULE`
-_FAMILIES = ("shc", "dhc", "sfc", "dfc", "mhc")
-KIND_RE = re.compile(r"^(res|(?:%s)[1-9][0-9]*)$" % "|".join(_FAMILIES))
-MODEL_KIND_RE = re.compile(r"_(res|(?:%s)[0-9]+)$" % "|".join(_FAMILIES))
-KIND_HELP = "res, or shc<n>, dhc<n>, sfc<n>, dfc<n>, mhc<n> with n >= 1 (e.g. res,dhc2,mhc4)"
+
+
+# The accepted kind labels come from the kind table (hcvision.connections.kinds), read at each call: a kind registered
+# later is accepted at once. Labels are timm-name suffixes: a single-stream kind's tag ("res"), else tag + rate.
+def _label_pattern(rate: str) -> str:
+    from ..connections import kind_records
+
+    records = kind_records()
+    alternatives = [re.escape(r.tag) for r in records if r.layout == "single"]
+    rated = sorted((r.tag for r in records if r.layout != "single"), key=len, reverse=True)  # longest first
+    if rated:
+        alternatives.append(f"(?:{'|'.join(map(re.escape, rated))}){rate}")
+    return "|".join(alternatives)
+
+
+def kind_label_re() -> "re.Pattern[str]":
+    """``--kinds`` labels: ``res``, ``dhc2``, ``mhclite4`` ... (rate >= 1)."""
+    return re.compile(r"^(%s)$" % _label_pattern("[1-9][0-9]*"))
+
+
+def model_kind_re() -> "re.Pattern[str]":
+    """The connection suffix of a registered model name (``vit_..._dhc2`` -> ``dhc2``)."""
+    return re.compile(r"_(%s)$" % _label_pattern("[0-9]+"))
+
+
+def kind_help() -> str:
+    """E.g. ``res, or shc<n>, dhc<n>, ... with n >= 1 (e.g. res,dhc2,mhc4)``, from the kind table."""
+    from ..connections import kind_records
+
+    records = kind_records()
+    single = [r.tag for r in records if r.layout == "single"]
+    rated = [f"{r.tag}<n>" for r in records if r.layout != "single"]
+    return f"{', '.join(single)}, or {', '.join(rated)} with n >= 1 (e.g. res,dhc2,mhc4)"
+
+
 # The runner sets these per cell; a user value would silently be overridden, so it is refused instead.
 RESERVED = ("seed", "output_dir", "resume")
 
@@ -146,10 +178,11 @@ def parse_grid_arg(arg: str) -> Tuple[str, List[str]]:
 def parse_kinds(text: str) -> List[str]:
     kinds = [k.strip().lower() for k in str(text).split(",") if k.strip()]
     if not kinds:
-        raise SpecError(f"--kinds {text!r} names no kind; accepted: {KIND_HELP}")
+        raise SpecError(f"--kinds {text!r} names no kind; accepted: {kind_help()}")
+    label = kind_label_re()
     for k in kinds:
-        if not KIND_RE.match(k):
-            raise SpecError(f"unknown connection kind {k!r} in --kinds; accepted: {KIND_HELP}")
+        if not label.match(k):
+            raise SpecError(f"unknown connection kind {k!r} in --kinds; accepted: {kind_help()}")
     if len(set(kinds)) != len(kinds):
         raise SpecError(f"--kinds {text!r} repeats a kind; give each kind once")
     return kinds
@@ -241,10 +274,10 @@ def build_spec(
 
     base_prefix = ""
     if kind_list:
-        m = MODEL_KIND_RE.search(model)
+        m = model_kind_re().search(model)
         if not m:
             raise SpecError(f"--kinds needs a base model whose name ends in a connection suffix; model={model!r} "
-                            f"has none (accepted suffixes: {KIND_HELP})")
+                            f"has none (accepted suffixes: {kind_help()})")
         base_prefix = model[: m.start()]
 
     cls = _trainer_config_class(module)

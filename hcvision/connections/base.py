@@ -2,9 +2,12 @@
 
 Layout. A hidden state ``h`` of shape ``(..., C)`` becomes a stream tensor ``H`` of shape ``(..., n, c)``:
 
-* residual: ``n = 1, c = C`` (a view, so the baseline runs through the same code);
-* hyper-connections (``shc``, ``dhc``, ``mhc``): ``n`` copies of ``h`` (``c = C``), read out by summing the streams;
-* frac-connections (``sfc``, ``dfc``): ``h`` cut into ``m`` fractions (``n = m, c = C / m``), read out by concatenation.
+* ``single`` (residual): ``n = 1, c = C`` (a view, so the baseline runs through the same code);
+* ``copies`` (``shc``, ``dhc``, ``mhc``, ``mhclite``, ``kromhc``): ``n`` copies of ``h`` (``c = C``), read out by
+  summing the streams;
+* ``fractions`` (``sfc``, ``dfc``): ``h`` cut into ``m`` fractions (``n = m, c = C / m``), read out by concatenation.
+
+Each kind declares its layout once, in its :class:`~hcvision.connections.kinds.KindRecord`.
 
 Streams sit next to the channels, so every mixing step is a small contraction over ``n`` that never folds the
 stream axis into the batch.
@@ -23,13 +26,12 @@ loops) live in :mod:`hcvision.connections.kernels`; a connection picks one there
 """
 from __future__ import annotations
 
-import difflib
 from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, kinds
 
 __all__ = [
     "KINDS",
@@ -45,66 +47,59 @@ __all__ = [
     "stream_shape",
 ]
 
-KINDS: tuple[str, ...] = ("residual", "shc", "dhc", "sfc", "dfc", "mhc")
-HYPER_KINDS: frozenset[str] = frozenset({"shc", "dhc", "mhc"})  # n copies, summed on read-out
-FRAC_KINDS: frozenset[str] = frozenset({"sfc", "dfc"})  # m fractions, concatenated on read-out
-DYNAMIC_KINDS: frozenset[str] = frozenset({"dhc", "dfc", "mhc"})  # coefficients depend on the input
+# The kind sets are views of the kind table (:mod:`.kinds`), read when asked for, so a kind registered later is in them.
+_DERIVED = {
+    "KINDS": lambda: kinds.kind_names(),
+    "HYPER_KINDS": lambda: frozenset(r.name for r in kinds.kind_records() if r.copies),  # n copies, summed
+    "FRAC_KINDS": lambda: frozenset(r.name for r in kinds.kind_records() if r.fractions),  # m fractions, concatenated
+    "DYNAMIC_KINDS": lambda: frozenset(r.name for r in kinds.kind_records() if r.dynamic),  # input-dependent
+}
 
 
-def check_kind(kind: str) -> str:
-    """Return ``kind`` lower-cased, or raise ``ValueError`` naming the accepted kinds."""
-    if not isinstance(kind, str) or kind.lower() not in KINDS:
-        close = difflib.get_close_matches(str(kind).lower(), KINDS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown connection kind {kind!r}{hint}; accepted: {', '.join(KINDS)}")
-    return kind.lower()
+def __getattr__(name: str) -> Any:
+    if name in _DERIVED:
+        return _DERIVED[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+check_kind = kinds.check_kind
 
 
 def check_rate(kind: str, rate: int, dim: int | None = None) -> int:
-    """Validate the expansion rate ``n`` (HC kinds) or the fraction count ``m`` (FC kinds)."""
-    kind = check_kind(kind)
+    """Validate the expansion rate ``n`` (streams) or the fraction count ``m`` (fractions) for ``kind``."""
+    record = kinds.kind_record(kind)
     if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
         raise ValueError(f"rate must be an integer >= 1 (streams for HC, fractions for FC), got {rate!r}")
-    if kind == "residual" and rate != 1:
-        raise ValueError(f"the residual connection has exactly one stream; got rate={rate}, accepted: 1")
-    if kind in FRAC_KINDS and dim is not None and dim % rate != 0:
+    if record.layout == "single" and rate != 1:
+        raise ValueError(f"the {record.name} connection has exactly one stream; got rate={rate}, accepted: 1")
+    if record.fractions and dim is not None and dim % rate != 0:
         divisors = [d for d in range(1, min(dim, 16) + 1) if dim % d == 0]
         raise ValueError(
-            f"{kind} splits the hidden size into rate={rate} fractions, but dim={dim} is not divisible by {rate}; "
-            f"accepted rates for dim={dim} include {divisors}"
+            f"{record.name} splits the hidden size into rate={rate} fractions, but dim={dim} is not divisible by "
+            f"{rate}; accepted rates for dim={dim} include {divisors}"
         )
+    if record.rate_rule is not None:
+        record.rate_rule(rate)
     return rate
 
 
 def stream_shape(kind: str, rate: int, dim: int) -> tuple[int, int]:
     """(number of streams, width of one stream) for a hidden size ``dim``."""
-    kind = check_kind(kind)
-    rate = check_rate(kind, rate, dim)
-    if kind in FRAC_KINDS:
-        return rate, dim // rate
-    return rate, dim
+    return kinds.kind_record(kind).stream_shape(check_rate(kind, rate, dim), dim)
 
 
 def expand_streams(x: torch.Tensor, kind: str, rate: int = 1) -> torch.Tensor:
-    """``(..., C) -> (..., n, c)``: n copies for HC kinds (Eq. 14 start: H0 = n copies of h0), m fractions for FC.
+    """``(..., C) -> (..., n, c)``: n copies (Eq. 14 start: H0 = n copies of h0), m fractions, or the one stream.
 
-    Both are views; the first depth step materialises the streams.
+    Both are views; the first depth step materialises the streams. A model holding a connection can call
+    ``conn.record.expand(x, rate)`` instead and skip the checks.
     """
-    kind = check_kind(kind)
-    rate = check_rate(kind, rate, x.shape[-1])
-    if kind in FRAC_KINDS:
-        return x.unflatten(-1, (rate, x.shape[-1] // rate))
-    return x.unsqueeze(-2).expand(*x.shape[:-1], rate, x.shape[-1])
+    return kinds.kind_record(kind).expand(x, check_rate(kind, rate, x.shape[-1]))
 
 
 def reduce_streams(H: torch.Tensor, kind: str) -> torch.Tensor:
-    """``(..., n, c) -> (..., C)``: sum of the streams for HC kinds, concatenation of the fractions for FC kinds."""
-    kind = check_kind(kind)
-    if kind in FRAC_KINDS:
-        return H.flatten(-2)
-    if kind == "residual":
-        return H.squeeze(-2)
-    return H.sum(dim=-2)
+    """``(..., n, c) -> (..., C)``: sum of the copies, concatenation of the fractions, or the one stream."""
+    return kinds.kind_record(kind).reduce(H)
 
 
 class WidthContext(NamedTuple):
@@ -123,10 +118,6 @@ class Connection(nn.Module):
     """
 
     kind: str
-    dynamic: bool = False
-
-    #: Which family of fast paths serves this class (``None``: the reference path only). See :mod:`.kernels`.
-    family: str | None = None
 
     def __init__(self, kind: str, dim: int, rate: int, layer_index: int, *, backend: str = "auto",
                  recompute: bool = False, recompute_every: int = 6) -> None:
@@ -142,15 +133,37 @@ class Connection(nn.Module):
                              f"got {recompute_every!r}")
         self.dim = dim
         self.layer_index = layer_index
-        self.num_streams, self.stream_dim = stream_shape(self.kind, rate, dim)
+        self.num_streams, self.stream_dim = self.record.stream_shape(rate, dim)
         # Input slots of the branch: one weighted sum for HC, one per fraction for FC.
-        self.num_inputs = self.num_streams if self.kind in FRAC_KINDS else 1
+        self.num_inputs = self.record.num_inputs(rate)
         # The one dispatch point, resolved once: None runs the reference width/depth below.
         self.backend = kernels.check_backend(backend)
-        self._impl = None if self.family is None else kernels.select(self.family, self.backend)
+        family = self.fast_path_family()
+        if family is None and self.backend in ("torch", "triton"):
+            raise ValueError(f"connection kind {self.kind!r} has no fast path{self._no_fast_path_reason()}; "
+                             f"backend={self.backend!r} is not available, accepted: auto, reference")
+        self._impl = None if family is None else kernels.select(family, self.backend)
         #: Recompute the stream mixing in backward instead of keeping the streams (see :mod:`.recompute`);
         #: ``recompute_every`` is the segment length L_r (mHC Eq. 20) in sublayers.
         self.recompute, self.recompute_every = recompute, recompute_every
+
+    @property
+    def record(self) -> kinds.KindRecord:
+        """The kind's row of the table (:mod:`.kinds`): layout, whether dynamic, fast-path family, names. Looked up,
+        not stored, so that a connection pickles without its record's functions."""
+        return kinds.kind_record(self.kind)
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the coefficients depend on the input (per token)."""
+        return self.record.dynamic
+
+    def fast_path_family(self) -> str | None:
+        """The :mod:`.kernels` family serving this connection (``None``: the reference path); the record's by default."""
+        return self.record.family
+
+    def _no_fast_path_reason(self) -> str:
+        return ""
 
     @property
     def fused(self) -> bool:
@@ -211,6 +224,22 @@ class Connection(nn.Module):
 
     def static_coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.coefficients(None)
+
+    @classmethod
+    def stacked_static_coefficients(cls, conns: list["Connection"]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static ``[A_in | A_r]`` ``(L, n, k+n)`` and ``B`` ``(L, n)`` of several connections of this class, fp32,
+        detached (the diagnostics' input; a subclass may batch the work)."""
+        pairs = [c.static_coefficients() for c in conns]
+        return (torch.stack([m.detach().float() for m, _ in pairs]), torch.stack([b.detach().float() for _, b in pairs]))
+
+    def dynamic_scale_parameters(self) -> list[nn.Parameter]:
+        """The scalars that scale the token-dependent part (HC's ``s_a, s_b``, mHC's gates ``alpha``); ``[]`` if none."""
+        return []
+
+    def residual_logits(self) -> torch.Tensor | None:
+        """The static logits the residual mix is computed from, ``(groups, logits)`` (mHC: the rows of ``b_res``), or
+        ``None`` when the mix is not a normalised exponential (HC/FC). The diagnostics report their spread."""
+        return None
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, dim={self.dim}, rate={self.rate}, layer_index={self.layer_index}"

@@ -18,10 +18,13 @@ Init (HC Eq. 14 for sublayer k): ``B = 1``, ``A_m = e_{k mod n}``, ``A_r = I``. 
 """
 from __future__ import annotations
 
+from typing import Any, Callable, Optional
+
 import torch
 from torch import nn
 
-from .base import FRAC_KINDS, Connection, WidthContext
+from . import kinds
+from .base import Connection, WidthContext
 
 __all__ = ["ResidualConnection", "HyperConnection", "hc_init_matrix"]
 
@@ -47,7 +50,7 @@ class ResidualConnection(Connection):
 def hc_init_matrix(kind: str, rate: int, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The initial ``(A, B)`` of HC Eq. 14 (HC kinds) or FC Eq. 15 (FC kinds)."""
     eye = torch.eye(rate)
-    if kind in FRAC_KINDS:
+    if kinds.kind_record(kind).fractions:
         a_in = eye.clone()
     else:
         a_in = torch.zeros(rate, 1)
@@ -94,10 +97,8 @@ class HyperConnection(Connection):
         **common,
     ) -> None:
         kind = str(kind).lower()
-        if kind not in ("shc", "dhc", "sfc", "dfc"):
-            raise ValueError(f"HyperConnection builds shc, dhc, sfc or dfc; got {kind!r}")
-        self.dynamic = kind in ("dhc", "dfc")
-        self.family = "dynamic" if self.dynamic else "static"
+        if kind not in _HC_FC:
+            raise ValueError(f"HyperConnection builds {', '.join(_HC_FC)}; got {kind!r}")
         super().__init__(kind, dim, rate, layer_index, **common)
         self.use_tanh = bool(tanh)
         a_init, b_init = hc_init_matrix(self.kind, self.num_streams, layer_index)
@@ -114,6 +115,9 @@ class HyperConnection(Connection):
 
     def static_parameters(self) -> list[nn.Parameter]:
         return [self.static_alpha, self.static_beta]
+
+    def dynamic_scale_parameters(self) -> list[nn.Parameter]:
+        return [self.dynamic_alpha_scale, self.dynamic_beta_scale] if self.dynamic else []
 
     def static_coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.static_alpha, self.static_beta
@@ -138,3 +142,44 @@ class HyperConnection(Connection):
             raise ValueError(f"connection matrix must have shape {expected} for {self.kind}x{n}, got {tuple(matrix.shape)}")
         self.static_beta.copy_(matrix[0, k:])
         self.static_alpha.copy_(matrix[1:, :])
+
+
+# --- the kind table (see :mod:`.kinds`) --------------------------------------------------------------------------
+COMMON_OPTIONS = ("recompute", "recompute_every")
+FAST_OPTIONS = ("backend", "fused")
+_DYNAMIC_OPTIONS = ("tanh", "scale_init", "norm", "norm_affine", "norm_eps")
+
+
+def _hc_parameters(fractions: bool, dynamic: bool) -> Callable[[int, int, Optional[int]], int]:
+    """HC paper, Appendix B: SHC ``n(n+2)``; DHC ``|norm| + C(n+2) + n(n+2) + 2``. SFC/DFC replace C by C/m and the
+    one input column by ``m`` of them (``m x m`` blocks)."""
+    def count(dim: int, rate: int, norm_params: Optional[int] = None) -> int:
+        n, c = (rate, dim // rate) if fractions else (rate, dim)
+        k = n if fractions else 1
+        static = n * (k + n) + n
+        if not dynamic:
+            return static
+        return (2 * c if norm_params is None else norm_params) + c * (k + n + 1) + static + 2
+    return count
+
+
+def _hc_builder(kind: str) -> Callable[..., HyperConnection]:
+    def build(dim: int, rate: int, layer_index: int, **options: Any) -> HyperConnection:
+        return HyperConnection(kind, dim, rate, layer_index, **options)
+    build.__name__ = build.__qualname__ = f"build_{kind}"
+    return build
+
+
+kinds.register(kinds.KindRecord(
+    name="residual", title="Pre-Norm residual baseline", layout="single", dynamic=False, tag="res",
+    build=ResidualConnection, options=COMMON_OPTIONS, extra_parameters=lambda dim, rate, norm_params=None: 0))
+_HC_FC = ("shc", "dhc", "sfc", "dfc")
+for _kind, _title, _layout, _dynamic in (("shc", "static Hyper-Connections", "copies", False),
+                                         ("dhc", "dynamic Hyper-Connections", "copies", True),
+                                         ("sfc", "static Frac-Connections", "fractions", False),
+                                         ("dfc", "dynamic Frac-Connections", "fractions", True)):
+    kinds.register(kinds.KindRecord(
+        name=_kind, title=_title, layout=_layout, dynamic=_dynamic, build=_hc_builder(_kind),
+        options=(_DYNAMIC_OPTIONS if _dynamic else ()) + FAST_OPTIONS + COMMON_OPTIONS,
+        family="dynamic" if _dynamic else "static",
+        extra_parameters=_hc_parameters(_layout == "fractions", _dynamic)))

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cli import UsageError
-from ..connections import reduce_streams
 
 __all__ = ["REPA", "RepaProjector", "DEFAULT_ENCODER", "load_repa_encoder", "load_repa_encoder_for", "base_model",
            "alignment_loss"]
@@ -123,7 +122,7 @@ class REPA(nn.Module):
         if self._captured is None:
             raise RuntimeError("alignment_loss needs a forward call first (the tokens are taken during forward)")
         out = self._captured
-        return self.projector(out if out.ndim == 3 else reduce_streams(out, self.model.connection))
+        return self.projector(out if out.ndim == 3 else self.model.connection_record.reduce(out))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

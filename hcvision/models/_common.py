@@ -12,9 +12,8 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from ..connections import FRAC_KINDS, Connection, build_connection, check_kind, check_rate
+from ..connections import Connection, build_connection, check_kind, check_rate, kind_record
 from ..connections import static_connection_parameters
-from ._registry import KIND_TITLES
 
 __all__ = ["connection_arguments", "block_connections", "scale_out_projections", "static_parameter_names",
            "variant_title"]
@@ -43,9 +42,9 @@ def scale_out_projections(blocks: Iterable[nn.Module], kind: str, rate: int) -> 
     """Divide the init of every block's ``attn.proj`` and ``mlp.fc2`` weights by ``sqrt(n)`` for HC kinds.
 
     HC paper, Sec. 4: the n streams are summed at the read-out, so each branch output is scaled down to keep the
-    read-out's init std. FC kinds split the width instead of copying it and keep the init.
+    read-out's init std. Kinds that split the width instead of copying it (FC) keep the init.
     """
-    if kind in FRAC_KINDS or rate <= 1:
+    if not kind_record(kind).copies or rate <= 1:
         return
     with torch.no_grad():
         for blk in blocks:
@@ -61,6 +60,4 @@ def static_parameter_names(model: nn.Module) -> set:
 
 def variant_title(kind: str, rate: int) -> str:
     """E.g. ``dynamic Hyper-Connections (n=2)``; FC kinds count fractions (m), HC kinds streams (n)."""
-    if kind == "residual":
-        return KIND_TITLES[kind]
-    return f"{KIND_TITLES[kind]} ({'m' if kind in FRAC_KINDS else 'n'}={rate})"
+    return kind_record(kind).variant_title(rate)

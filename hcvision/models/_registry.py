@@ -9,25 +9,18 @@ import json
 import sys
 from typing import Any, Callable, Iterable
 
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 
+from ..connections import KindRecord, kind_records, kinds
 from ..resources import weights_dir
 
-__all__ = ["CONNECTION_VARIANTS", "KIND_TITLES", "register_variants", "weights_dir", "local_weights", "variant_cfgs"]
+__all__ = ["connection_variants", "register_variants", "weights_dir", "local_weights", "variant_cfgs"]
 
-# (name suffix, connection kind, rate). For FC kinds the number is m, the count of fractions.
-CONNECTION_VARIANTS: tuple[tuple[str, str, int], ...] = (("res", "residual", 1),) + tuple(
-    (f"{kind}{n}", kind, n) for kind in ("shc", "dhc", "sfc", "dfc", "mhc") for n in (2, 4)
-)
 
-KIND_TITLES = {
-    "residual": "Pre-Norm residual baseline",
-    "shc": "static Hyper-Connections",
-    "dhc": "dynamic Hyper-Connections",
-    "sfc": "static Frac-Connections",
-    "dfc": "dynamic Frac-Connections",
-    "mhc": "manifold-constrained Hyper-Connections",
-}
+def connection_variants(records: Iterable[KindRecord] | None = None) -> list[tuple[str, str, int]]:
+    """(name suffix, connection kind, rate) for every kind of the table and each of its zoo rates, e.g.
+    ``("res", "residual", 1)``, ``("dhc2", "dhc", 2)``. For FC kinds the number is m, the count of fractions."""
+    return [(r.suffix(n), r.name, n) for r in (kind_records() if records is None else records) for n in r.zoo_rates]
 
 
 def local_weights() -> dict[str, dict[str, Any]]:
@@ -56,29 +49,38 @@ def register_variants(
     sizes: dict[str, dict[str, Any]],
     create: Callable[..., Any],
     describe: Callable[[str, str, int], str],
-    variants: Iterable[tuple[str, str, int]] = CONNECTION_VARIANTS,
+    size_cfg: Callable[[str], dict[str, Any]],
 ) -> list[str]:
     """Register ``{size}_{suffix}`` for every size and connection variant; return the names.
 
     ``create(variant_name, pretrained, **kwargs)`` builds the model; the size's arguments and the variant's
-    ``connection``/``rate`` come first so that user keyword arguments override them.
+    ``connection``/``rate`` come first so that user keyword arguments override them. A kind registered later
+    (:func:`hcvision.connections.kinds.register`) is registered for every size at once, with ``size_cfg(size)`` as
+    its default cfg, and its names are appended to the returned list.
     """
     module = sys.modules[module_name]
-    names = []
-    for size, size_args in sizes.items():
-        for suffix, kind, rate in variants:
-            name = f"{size}_{suffix}"
+    names: list[str] = []
 
-            def entrypoint(pretrained: bool = False, _name=name, _defaults=dict(size_args, connection=kind, rate=rate),
-                           **kwargs: Any):
-                return create(_name, pretrained, **dict(_defaults, **kwargs))
+    def add(variants: Iterable[tuple[str, str, int]]) -> None:
+        for size, size_args in sizes.items():
+            for suffix, kind, rate in variants:
+                name = f"{size}_{suffix}"
 
-            entrypoint.__name__ = entrypoint.__qualname__ = name
-            entrypoint.__module__ = module_name
-            entrypoint.__doc__ = describe(size, kind, rate)
-            setattr(module, name, entrypoint)
-            register_model(entrypoint)
-            names.append(name)
+                def entrypoint(pretrained: bool = False, _name=name,
+                               _defaults=dict(size_args, connection=kind, rate=rate), **kwargs: Any):
+                    return create(_name, pretrained, **dict(_defaults, **kwargs))
+
+                entrypoint.__name__ = entrypoint.__qualname__ = name
+                entrypoint.__module__ = module_name
+                entrypoint.__doc__ = describe(size, kind, rate)
+                if name not in module.default_cfgs:  # a kind added after the module's default_cfgs were made
+                    module.default_cfgs.update(generate_default_cfgs({name: size_cfg(size)}))
+                setattr(module, name, entrypoint)
+                register_model(entrypoint)
+                names.append(name)
+
+    add(connection_variants())
+    kinds.on_register(lambda record: add(connection_variants([record])))
     return names
 
 
@@ -86,7 +88,7 @@ def variant_cfgs(sizes: Iterable[str], size_cfg: Callable[[str], dict[str, Any]]
     """One default cfg per registered name, plus an ``arch.tag`` cfg for every local weights file that exists."""
     cfgs: dict[str, dict[str, Any]] = {}
     for size in sizes:
-        for suffix, _, _ in CONNECTION_VARIANTS:
+        for suffix, _, _ in connection_variants():
             cfgs[f"{size}_{suffix}"] = size_cfg(size)
     for tagged, entry in local_weights().items():
         arch = tagged.split(".")[0]

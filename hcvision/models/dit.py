@@ -34,7 +34,7 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..connections import expand_streams, reduce_streams
+from ..connections import KindRecord, kind_record
 from ..layers import FinalLayer, LabelEmbedder, TimestepEmbedder, adaln_modulation, modulate, sincos_pos_embed_2d
 from ._common import block_connections, connection_arguments, scale_out_projections, static_parameter_names
 from ._common import variant_title
@@ -191,6 +191,11 @@ class HCDiT(nn.Module):
         if scale_out_proj:
             scale_out_projections(self.blocks, connection, rate)
 
+    @property
+    def connection_record(self) -> KindRecord:
+        """The connection kind's row of the table: how streams are made from the tokens and read out."""
+        return kind_record(self.connection)
+
     # --- init -----------------------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
         """DiT's init: Xavier-uniform linears, zero biases, N(0, 0.02) embedders, adaLN-Zero (modulation, output 0)."""
@@ -263,7 +268,7 @@ class HCDiT(nn.Module):
 
     def forward_streams(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Embedded tokens ``(B, N, C)`` and conditioning ``(B, C)`` -> the last streams ``(B, N, n, c)``."""
-        H = expand_streams(x, self.connection, self.rate)
+        H = self.connection_record.expand(x, self.rate)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 H = checkpoint(blk, H, c, use_reentrant=False)
@@ -280,7 +285,7 @@ class HCDiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
         H = self.forward_streams(x, c)
-        return self.unpatchify(self.final_layer(reduce_streams(H, self.connection), c))
+        return self.unpatchify(self.final_layer(self.connection_record.reduce(H), c))
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
                          guidance_channels: Optional[int] = 3) -> torch.Tensor:
@@ -339,4 +344,4 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> HCDiT:
 
 
 default_cfgs = generate_default_cfgs(variant_cfgs(DIT_SIZES, _size_cfg))
-DIT_MODEL_NAMES = register_variants(__name__, DIT_SIZES, _create, _describe)
+DIT_MODEL_NAMES = register_variants(__name__, DIT_SIZES, _create, _describe, _size_cfg)

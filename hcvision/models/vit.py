@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..connections import expand_streams, reduce_streams
+from ..connections import KindRecord, kind_record
 from ._common import block_connections, connection_arguments, scale_out_projections, static_parameter_names
 from ._common import variant_title
 from ._registry import register_variants, variant_cfgs
@@ -76,7 +76,8 @@ class HCVisionTransformer(VisionTransformer):
     """timm ``VisionTransformer`` with connection kind ``connection`` at rate ``rate`` around every sublayer.
 
     Args (on top of timm's):
-        connection: ``residual``, ``shc``, ``dhc``, ``sfc``, ``dfc`` or ``mhc``.
+        connection: a registered connection kind (``hcvision.connections.kind_names()``: ``residual``, ``shc``,
+            ``dhc``, ``sfc``, ``dfc``, ``mhc``, ``mhclite``, ``kromhc``, ...).
         rate: expansion rate n (HC kinds), number of fractions m (FC kinds); 1 for residual.
         tanh: dynamic kinds apply tanh to their projections (HC Eqs. 11-13); ``False`` is the paper's ablation.
         connection_options: further options for ``build_connection`` (``scale_init``, ``norm``, ``gate_init``,
@@ -104,6 +105,11 @@ class HCVisionTransformer(VisionTransformer):
         if scale_out_proj:
             scale_out_projections(self.blocks, connection, rate)
 
+    @property
+    def connection_record(self) -> KindRecord:
+        """The connection kind's row of the table: how streams are made from the tokens and read out."""
+        return kind_record(self.connection)
+
     # --- timm API -----------------------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -130,7 +136,7 @@ class HCVisionTransformer(VisionTransformer):
 
     def forward_streams(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         """Images -> the last streams ``(B, N, n, c)``, before the read-out."""
-        H = expand_streams(self._embed(x), self.connection, self.rate)
+        H = self.connection_record.expand(self._embed(x), self.rate)
         if attn_mask is not None or is_causal:
             for blk in self.blocks:
                 H = blk(H, attn_mask=attn_mask, is_causal=is_causal)
@@ -142,7 +148,7 @@ class HCVisionTransformer(VisionTransformer):
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         H = self.forward_streams(x, attn_mask=attn_mask, is_causal=is_causal)
-        return self.norm(reduce_streams(H, self.connection))
+        return self.norm(self.connection_record.reduce(H))
 
     def forward_intermediates(
         self,
@@ -162,7 +168,7 @@ class HCVisionTransformer(VisionTransformer):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
-        H = expand_streams(self._embed(x), self.connection, self.rate)
+        H = self.connection_record.expand(self._embed(x), self.rate)
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
         features = []
         for i, blk in enumerate(blocks):
@@ -173,7 +179,7 @@ class HCVisionTransformer(VisionTransformer):
             else:
                 H = blk(H)
             if i in take_indices:
-                h = reduce_streams(H, self.connection)
+                h = self.connection_record.reduce(H)
                 features.append(self.norm(h) if norm else h)
 
         npt = self.num_prefix_tokens
@@ -188,13 +194,13 @@ class HCVisionTransformer(VisionTransformer):
             if prefix is not None and return_prefix_tokens:
                 out["image_intermediates_prefix"] = prefix
             if not intermediates_only:
-                out["image_features"] = self.norm(reduce_streams(H, self.connection))
+                out["image_features"] = self.norm(self.connection_record.reduce(H))
             return out
         if return_prefix_tokens and prefix is not None:
             features = list(zip(features, prefix))
         if intermediates_only:
             return features
-        return self.norm(reduce_streams(H, self.connection)), features
+        return self.norm(self.connection_record.reduce(H)), features
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,4 +253,4 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> HCVisionTr
 
 
 default_cfgs = generate_default_cfgs(variant_cfgs(VIT_SIZES, _size_cfg))
-VIT_MODEL_NAMES = register_variants(__name__, VIT_SIZES, _create, _describe)
+VIT_MODEL_NAMES = register_variants(__name__, VIT_SIZES, _create, _describe, _size_cfg)

@@ -42,7 +42,8 @@ from .data.latents import VaeUnavailableError, process_state
 from .diffusion import DEFAULT_SAMPLER, SAMPLERS, objective_of, read_sampling_metadata
 from .diffusion.guidance import resolve_guidance_channels
 from .diffusion import sample as diffusion_sample
-from .io import PathLike, atomic_write, load_model, write_json
+from .io import PathLike, atomic_write, write_json
+from .models.loading import load_model
 
 __all__ = ["class_labels", "decode_to_uint8", "generate", "load_dit", "make_grid", "sample_seed", "sample_to_dir",
            "sample_and_score",
@@ -232,7 +233,7 @@ def sample_and_score(model: torch.nn.Module, out_dir: PathLike, num_samples: int
 # ------------------------------------------------------------------------------------------------
 def load_dit(checkpoint: PathLike, model_name: Optional[str] = None, *, ema: bool = True
              ) -> Tuple[torch.nn.Module, dict]:
-    """A registered DiT rebuilt from a run directory, checkpoint directory or weights file (:func:`hcvision.io.
+    """A registered DiT rebuilt from a run directory, checkpoint directory or weights file (:func:`hcvision.models.loading.
     load_model`), in eval mode, plus ``info`` with the recorded objective and sampling defaults under ``"sampling"``.
     """
     model, info = load_model(checkpoint, model_name, ema=ema, family="dit_", what="DiT")

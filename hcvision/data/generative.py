@@ -41,7 +41,7 @@ def diffusion_dataset(data_dir: str, seed: int = 0, hflip: bool = True
 def check_model_fits(model: str, model_kwargs: Dict[str, Any], sample_shape: Tuple[int, ...],
                      num_classes: int) -> torch.nn.Module:
     """The data's sample shape and class count must be what ``model`` takes; returns it built on the meta device."""
-    from ..io import create_model
+    from ..models.loading import create_model
 
     declared = model_kwargs.get("num_classes")
     if declared is not None and int(declared) != num_classes:

@@ -63,7 +63,7 @@ class HCDiTTransformer2DModel(ModelMixin, ConfigMixin):
         import timm
 
         import hcvision.models  # noqa: F401  (registers the DiT family with timm)
-        from hcvision.io import check_model_name
+        from .loading import check_model_name
 
         check_model_name(model_name, "dit_", what="hcvision DiT", key="model_name")
         self.dit = timm.create_model(model_name, **_json_kwargs(model_kwargs))

@@ -24,12 +24,13 @@ loops) live in :mod:`hcvision.connections.kernels`; a connection picks one there
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from . import kernels
+from .context import WidthContext
 
 __all__ = [
     "KINDS",
@@ -105,13 +106,6 @@ def reduce_streams(H: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "residual":
         return H.squeeze(-2)
     return H.sum(dim=-2)
-
-
-class WidthContext(NamedTuple):
-    """What the depth step needs from the width step: the mixed residual streams and the output weights B."""
-
-    residual: torch.Tensor  # (..., n, c)
-    beta: torch.Tensor  # (n,) static or (..., n) per token
 
 
 class Connection(nn.Module):

@@ -7,17 +7,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ..cli import UsageError
-from .digits import DigitsDataset
+from .digits import digits_pixels
 
-__all__ = ["digits_pixels", "diffusion_dataset", "check_model_fits", "check_decoder", "sample_decoder"]
-
-
-def digits_pixels(split: str) -> Dataset:
-    """The digits split as ``(x in [-1, 1] of shape (1, 8, 8), label)``: the DiT digits cfg's mean = std = 0.5.
-
-    No shift augmentation: the model is scored against the unshifted held-out digits.
-    """
-    return DigitsDataset(split, mean=(0.5,), std=(0.5,), augment=False)
+__all__ = ["diffusion_dataset", "check_model_fits", "check_decoder", "sample_decoder"]
 
 
 def diffusion_dataset(data_dir: str, seed: int = 0, hflip: bool = True

@@ -566,7 +566,7 @@ def score_samples(images: np.ndarray, labels: np.ndarray, reference: str = "digi
     against ``reference``, which is ``"digits"`` (the held-out digits in ``hcv-digits`` features of ``classifier``,
     plus ``cls_acc``) or reference images / an ``.npz`` / statistics (Inception features). Adds ``reference``."""
     if reference == "digits":
-        from ..data.generative import digits_pixels
+        from ..data.digits import digits_pixels
         from .features import digits_to_uint8
 
         ref = digits_to_uint8((digits_pixels("val").images + 1.0) * 8.0)  # [-1, 1] -> sklearn's 0..16

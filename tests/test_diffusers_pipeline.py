@@ -14,7 +14,8 @@ import timm
 import torch
 
 import hcvision.models  # noqa: F401
-from hcvision.models.diffusers_model import HCDiTPipeline, HCDiTTransformer2DModel, dit_scheduler
+from hcvision.diffusion.pipeline import HCDiTPipeline, dit_scheduler
+from hcvision.models.diffusers_model import HCDiTTransformer2DModel
 
 DIGITS = "dit_digits_2_{}"
 TINY = dict(depth=2)  # the digits DiT is 96-d with 16 tokens; two blocks keep each test well under a second

@@ -38,7 +38,8 @@ from torch import Tensor
 
 from .cli import UsageError, run_cli
 from .eval.provenance import provenance_fields
-from .data.latents import VaeUnavailableError, process_state
+from .data.latents import process_state
+from .data.vae import VaeUnavailableError
 from .diffusion import DEFAULT_SAMPLER, SAMPLERS, objective_of, read_sampling_metadata
 from .diffusion.guidance import resolve_guidance_channels
 from .diffusion import sample as diffusion_sample
@@ -308,7 +309,7 @@ def parse_classes(spec: Optional[str], num_classes: int) -> Optional[List[int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .data.latents import DEFAULT_SCALE_FACTOR, DEFAULT_VAE, load_vae
+    from .data.vae import DEFAULT_SCALE_FACTOR, DEFAULT_VAE, load_vae
 
     if args.num_samples < 1:
         raise UsageError(f"--num-samples={args.num_samples} is not valid; expected an integer >= 1")

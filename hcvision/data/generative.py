@@ -54,7 +54,7 @@ def check_decoder(info: Dict[str, Any], vae: str) -> None:
     """Load the VAE that :func:`sample_decoder` will need after training, so a missing one fails before training."""
     if info["mode"] == "pixels":
         return
-    from .latents import load_vae
+    from .vae import load_vae
 
     try:
         load_vae(vae or info["vae"])
@@ -67,7 +67,7 @@ def sample_decoder(info: Dict[str, Any], vae: str, device: torch.device
     """Latents -> images through the run's VAE (``vae`` overrides the recorded one); ``None`` in pixel space."""
     if info["mode"] == "pixels":
         return None
-    from .latents import load_vae
+    from .vae import load_vae
 
     model = load_vae(vae or info["vae"], device)
     scale = float(info["scale_factor"])

@@ -38,7 +38,6 @@ import bisect
 import json
 import os
 import sys
-
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -49,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..cli import UsageError, run_cli
 from ..io import save_safetensors, write_json
+from .vae import DEFAULT_SCALE_FACTOR, DEFAULT_VAE, VaeUnavailableError, encode_moments, load_vae
 
 __all__ = [
     "DEFAULT_VAE",
@@ -64,17 +64,11 @@ __all__ = [
     "read_manifest",
 ]
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-DEFAULT_SCALE_FACTOR = 0.18215  # SD VAE latents scaled to ~unit variance (DiT, LDM)
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PathLike = Union[str, os.PathLike]
-
-
-class VaeUnavailableError(UsageError):
-    """The VAE could not be loaded (missing local path, or a hub id while offline)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,59 +85,6 @@ def process_state() -> Any:
     acc = getattr(torch, "accelerator", None)  # torch >= 2.6; its current_accelerator() names a build, not a device
     has_accelerator = acc.is_available() if acc is not None else torch.cuda.is_available()
     return PartialState(cpu=not has_accelerator)
-
-
-# ------------------------------------------------------------------------------------------------
-# VAE
-# ------------------------------------------------------------------------------------------------
-def _looks_like_path(spec: str) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything else (absolute, ./, ~, deeper) is meant as a path."""
-    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
-
-
-def _how_to_supply(spec: str) -> str:
-    return (f"On a machine with internet run `huggingface-cli download {spec if not _looks_like_path(spec) else DEFAULT_VAE} "
-            f"--local-dir DIR` (or `AutoencoderKL.from_pretrained(...).save_pretrained(DIR)`), copy DIR here and pass "
-            f"its path as the VAE (vae=DIR / --vae DIR); `none` trains in pixel space without a VAE")
-
-
-def load_vae(spec: str = DEFAULT_VAE, device: Union[str, torch.device] = "cpu") -> Any:
-    """A diffusers ``AutoencoderKL`` in eval mode from a local directory or a hub id.
-
-    A hub id is first looked up in the local Hugging Face cache; only then (and unless ``HF_HUB_OFFLINE=1``)
-    is the hub contacted. Every failure raises :class:`VaeUnavailableError` saying how to supply a local copy.
-    """
-    from diffusers import AutoencoderKL
-
-    if not isinstance(spec, str) or not spec or spec.lower() == "none":
-        raise UsageError(f"vae={spec!r} does not name a VAE; expected a local directory or a hub id such as "
-                         f"{DEFAULT_VAE!r}")
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise VaeUnavailableError(f"vae={spec!r} is a local path but holds no config.json; expected a diffusers "
-                                      f"AutoencoderKL directory (save_pretrained layout). {_how_to_supply(spec)}")
-        try:
-            vae = AutoencoderKL.from_pretrained(str(path))
-        except Exception as e:  # wrong model type, corrupt weights, ...
-            raise VaeUnavailableError(f"vae={spec!r} could not be loaded as a diffusers AutoencoderKL: "
-                                      f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-        return vae.to(device).eval().requires_grad_(False)
-    if _looks_like_path(spec):
-        raise VaeUnavailableError(f"vae={spec!r} does not exist. {_how_to_supply(spec)}")
-    try:
-        vae = AutoencoderKL.from_pretrained(spec, local_files_only=True)
-    except Exception:
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-            raise VaeUnavailableError(f"vae={spec!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
-                                      f"{_how_to_supply(spec)}") from None
-        try:
-            vae = AutoencoderKL.from_pretrained(spec)
-        except Exception as e:
-            raise VaeUnavailableError(f"vae={spec!r} could not be downloaded from the Hugging Face hub "
-                                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); offline? "
-                                      f"{_how_to_supply(spec)}") from None
-    return vae.to(device).eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,13 +232,6 @@ def _save_shard(tensors: Dict[str, torch.Tensor], path: Path, fingerprint: Dict[
 
 
 @torch.no_grad()
-def encode_moments(vae: Any, images: torch.Tensor) -> torch.Tensor:
-    """Posterior moments ``(B, 2C, h, w)`` (mean, clamped logvar) of uint8 images ``(B, 3, S, S)``."""
-    x = images.to(device=vae.device, dtype=vae.dtype) / 127.5 - 1.0
-    dist = vae.encode(x).latent_dist
-    return torch.cat([dist.mean, dist.logvar], dim=1).float().cpu()
-
-
 def extract_latents(
     data_dir: PathLike,
     out_dir: PathLike,

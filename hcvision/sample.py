@@ -309,7 +309,7 @@ def parse_classes(spec: Optional[str], num_classes: int) -> Optional[List[int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .data.vae import DEFAULT_SCALE_FACTOR, DEFAULT_VAE, load_vae
+    from .data.vae import DEFAULT_VAE, load_vae, vae_decoder
 
     if args.num_samples < 1:
         raise UsageError(f"--num-samples={args.num_samples} is not valid; expected an integer >= 1")
@@ -353,8 +353,7 @@ def run(args: argparse.Namespace) -> int:
             vae = load_vae(vae_spec, state.device)
         except (VaeUnavailableError, ValueError) as err:  # the message says how to supply a local VAE
             raise UsageError(str(err)) from None
-        scale = args.scale_factor or float(getattr(vae.config, "scaling_factor", DEFAULT_SCALE_FACTOR))
-        decode = lambda z: vae.decode(z.to(vae.dtype) / scale).sample  # noqa: E731
+        decode = vae_decoder(vae, args.scale_factor)
     elif model.in_chans not in (1, 3):
         raise UsageError(f"model {info['model']!r} generates {model.in_chans}-channel latents; pass --vae "
                          "PATH|hub-id to decode them to images")

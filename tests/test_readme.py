@@ -34,3 +34,14 @@ def test_readme_quickstart_shows_make_demo_and_make_test_first():
 @pytest.mark.slow
 def test_readme_dit_zoo_table_is_current():
     assert _section(README.read_text(), "dit") == zoo_markdown("dit_")
+
+
+def test_readme_diffusers_snippet_runs_as_printed():
+    """The README's diffusers example, executed as it stands (a random digits DiT: sampling, not quality)."""
+    text = README.read_text()
+    section = text.split("**diffusers.**", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md (diffusers)", "exec"), namespace)  # noqa: S102
+    images = namespace["images"]
+    assert len(images) == 3 and images[0].size == (8, 8)

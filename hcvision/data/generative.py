@@ -67,8 +67,6 @@ def sample_decoder(info: Dict[str, Any], vae: str, device: torch.device
     """Latents -> images through the run's VAE (``vae`` overrides the recorded one); ``None`` in pixel space."""
     if info["mode"] == "pixels":
         return None
-    from .vae import load_vae
+    from .vae import load_vae, vae_decoder
 
-    model = load_vae(vae or info["vae"], device)
-    scale = float(info["scale_factor"])
-    return lambda z: model.decode(z.to(model.dtype) / scale).sample
+    return vae_decoder(load_vae(vae or info["vae"], device), float(info["scale_factor"]))

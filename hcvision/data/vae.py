@@ -1,16 +1,16 @@
 """The VAE of latent DiTs: loading a diffusers ``AutoencoderKL`` from a local directory or a hub id, encoding images
-to posterior moments (latent extraction, :mod:`hcvision.data.latents`)."""
+to posterior moments (latent extraction, :mod:`hcvision.data.latents`) and decoding samples (:func:`vae_decoder`)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 from ..cli import UsageError
 
-__all__ = ["DEFAULT_VAE", "DEFAULT_SCALE_FACTOR", "VaeUnavailableError", "encode_moments", "load_vae"]
+__all__ = ["DEFAULT_VAE", "DEFAULT_SCALE_FACTOR", "VaeUnavailableError", "encode_moments", "load_vae", "vae_decoder"]
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DEFAULT_SCALE_FACTOR = 0.18215  # SD VAE latents scaled to ~unit variance (DiT, LDM)
@@ -76,3 +76,15 @@ def encode_moments(vae: Any, images: torch.Tensor) -> torch.Tensor:
     x = images.to(device=vae.device, dtype=vae.dtype) / 127.5 - 1.0
     dist = vae.encode(x).latent_dist
     return torch.cat([dist.mean, dist.logvar], dim=1).float().cpu()
+
+
+def vae_decoder(vae: Any, scale_factor: Optional[float] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``decode(z)``: latents of a DiT -> images in [-1, 1], ``vae.decode(z / scale).sample`` (LDM/DiT). ``scale`` is
+    ``scale_factor``, else the VAE's ``config.scaling_factor``, else :data:`DEFAULT_SCALE_FACTOR`. The one decoding
+    of the project: the sampling CLI, train_dit's final samples and the diffusers pipeline all use it."""
+    scale = float(scale_factor or getattr(vae.config, "scaling_factor", None) or DEFAULT_SCALE_FACTOR)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z.to(vae.dtype) / scale).sample
+
+    return decode

@@ -35,6 +35,8 @@ class HCDiTTransformer2DModel(ModelMixin, ConfigMixin):
         model_kwargs: keyword arguments the DiT is built with (``connection``, ``rate``, ``num_classes``, ...).
         sample_size, in_channels, out_channels, num_classes: filled in from the built DiT (diffusers' names, read by
             pipelines); given values must agree with it.
+        objective: what the DiT was trained for, ``"ddpm"`` or ``"flow"`` (None: not recorded); the pipeline refuses
+            a sampler of the other objective.
     """
 
     config_name = "config.json"
@@ -43,7 +45,8 @@ class HCDiTTransformer2DModel(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, model_name: str, model_kwargs: Optional[dict[str, Any]] = None,
                  sample_size: Optional[int] = None, in_channels: Optional[int] = None,
-                 out_channels: Optional[int] = None, num_classes: Optional[int] = None) -> None:
+                 out_channels: Optional[int] = None, num_classes: Optional[int] = None,
+                 objective: Optional[str] = None) -> None:
         super().__init__()
         import timm
 
@@ -64,15 +67,17 @@ class HCDiTTransformer2DModel(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_dit(cls, dit: torch.nn.Module, model_name: Optional[str] = None,
-                 model_kwargs: Optional[dict[str, Any]] = None) -> "HCDiTTransformer2DModel":
+                 model_kwargs: Optional[dict[str, Any]] = None, objective: Optional[str] = None
+                 ) -> "HCDiTTransformer2DModel":
         """Wrap an existing DiT (its weights are copied). ``model_name`` defaults to the timm name it was created
-        with; ``model_kwargs`` must be those it was built with: the rebuilt model is checked to give the same output
+        with; ``model_kwargs`` must be those it was built with (``objective``: see the class): the rebuilt model is
+        checked to give the same output
         on a probe input, so kwargs that change the computation without changing shapes (``tanh``, ``numerics``) are
         not silently lost."""
         name = model_name or (getattr(dit, "pretrained_cfg", None) or {}).get("architecture")
         if not name:
             raise ValueError("the DiT does not record its timm name; pass model_name=")
-        wrapped = cls(name, model_kwargs)
+        wrapped = cls(name, model_kwargs, objective=objective)
         try:
             wrapped.dit.load_state_dict(dit.state_dict(), strict=True)
         except RuntimeError as err:

@@ -261,6 +261,7 @@ def test_pipeline_gives_the_images_of_hcvision_sample(objective, scheduler, samp
     """The pipeline and ``hcvision.sample`` (what the sampling CLI and train_dit run), same seed and sampler, with
     guidance on an interval: the same uint8 images."""
     from hcvision.sample import generate, sample_seed
+    from hcvision.sampling_spec import SamplingSpec
 
     model = _randomize(HCDiTTransformer2DModel(DIGITS.format("dhc2"), TINY, objective=objective)).eval()
     pipe = HCDiTPipeline(model, scheduler())
@@ -269,9 +270,9 @@ def test_pipeline_gives_the_images_of_hcvision_sample(objective, scheduler, samp
     labels = list(range(n))  # hcvision.sample's class-balanced labels for samples 0..n-1
     gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(n)]
     images = pipe(labels, num_inference_steps=steps, generator=gens, sampler=sampler, **guidance).images
+    spec = SamplingSpec(sampler=cli_sampler, sampling_steps=steps, **guidance)
     cli, cli_labels = generate(model.dit, range(n), sample_shape=(1, 8, 8), num_classes=10, null_class=10,
-                               scheduler=cli_sampler, steps=steps, cfg_scale=1.5, guidance_interval=(0.0, 0.7),
-                               seed=seed, batch_size=n)
+                               sampling=spec, seed=seed, batch_size=n)
     assert cli_labels.tolist() == labels
     piped = np.stack([np.asarray(im) for im in images])[..., None]
     assert piped.dtype == np.uint8 and piped.shape == cli.shape == (n, 8, 8, 1)

@@ -439,14 +439,15 @@ def test_digits_metrics_cls_acc_and_cli(one_thread, digits_classifier, digits_ui
     for i, img in enumerate(gen_imgs):
         Image.fromarray(img).save(ref_dir / f"{i:04d}.png")
     out, stats_path = tmp_path / "results.json", tmp_path / "ref_stats.npz"
-    prov = tmp_path / "sample_config.json"  # what a sampler recorded; --steps overrides its 250
-    prov.write_text(json.dumps({"objective": "ddpm", "sampler": "ddpm", "steps": 250, "guidance_scale": 1.5,
+    prov = tmp_path / "sample_config.json"  # what a sampler recorded; --sampling-steps overrides its 250
+    prov.write_text(json.dumps({"objective": "ddpm", "sampler": "ddpm", "sampling_steps": 250, "guidance_scale": 1.5,
                                 "guidance_channels": 1, "seed": 3}))
     env = {**os.environ, "HCV_DIGITS_CLASSIFIER": str(clf), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "hcvision.eval.generative", "--gen", str(gen_npz), "--ref", str(ref_dir),
          "--write-ref-stats", str(stats_path), "--feature-extractor", DIGITS_EXTRACTOR, "--device", "cpu",
-         "--out", str(out), "--provenance", str(prov), "--steps", "100", "--guidance-interval", "0", "500", "--ema"],
+         "--out", str(out), "--provenance", str(prov), "--sampling-steps", "100", "--guidance-interval", "0", "0.5",
+         "--ema"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     written = json.loads(out.read_text())
@@ -458,10 +459,10 @@ def test_digits_metrics_cls_acc_and_cli(one_thread, digits_classifier, digits_ui
     assert (written["num_samples"], written["num_ref_samples"]) == (300, 300)
     assert written["reference"] == "ref_png" and written["reference_sha256"] == input_sha256(ref_dir)
     assert written["extractors"] == {DIGITS_EXTRACTOR: {"weights_sha256": file_sha256(clf)}}
-    assert {k: written.get(k) for k in ("objective", "sampler", "steps", "guidance_scale", "guidance_interval",
-                                        "guidance_channels", "ema", "seed")} == {
-        "objective": "ddpm", "sampler": "ddpm", "steps": 100, "guidance_scale": 1.5, "guidance_interval": [0.0, 500.0],
-        "guidance_channels": 1, "ema": True, "seed": None}
+    assert {k: written.get(k) for k in ("objective", "sampler", "sampling_steps", "guidance_scale",
+                                        "guidance_interval", "guidance_channels", "ema", "seed")} == {
+        "objective": "ddpm", "sampler": "ddpm", "sampling_steps": 100, "guidance_scale": 1.5,
+        "guidance_interval": [0.0, 0.5], "guidance_channels": 1, "ema": True, "seed": None}
     np.testing.assert_allclose(load_stats(stats_path).features, f_gen, rtol=1e-4, atol=1e-5)
     # The same images against themselves: FID ~ 0, precision = recall = 1.
     assert written["metrics"]["fid"] == pytest.approx(0.0, abs=1e-6)

@@ -226,18 +226,23 @@ def test_sfid_and_fd_dinov2_options_are_checked(tmp_path, monkeypatch):
 
 
 def test_provenance_fields():
-    out = provenance_fields(num_samples=50000, objective="ddpm", sampler="ddpm", steps=250, guidance_scale=1.5,
-                            guidance_interval=(0, 1000), guidance_channels=3, ema=True, reference="VIRTUAL.npz",
+    sampling = dict(sampler="ddpm", sampling_steps=250, guidance_scale=1.5, guidance_interval=(0, 0.7),
+                    guidance_channels=3, diffusion_norm=1)
+    out = provenance_fields(num_samples=50000, objective="ddpm", sampling=sampling, ema=True, reference="VIRTUAL.npz",
                             reference_sha256="a" * 64, extractors={"hcv-inception-v3-compat": "b" * 64})
-    assert out == {"num_samples": 50000, "objective": "ddpm", "sampler": "ddpm", "steps": 250, "guidance_scale": 1.5,
-                   "guidance_interval": [0.0, 1000.0], "guidance_channels": 3, "ema": True, "reference": "VIRTUAL.npz",
-                   "reference_sha256": "a" * 64,
+    assert out == {"num_samples": 50000, "objective": "ddpm", "sampler": "ddpm", "sampling_steps": 250,
+                   "guidance_scale": 1.5, "guidance_interval": [0.0, 0.7], "guidance_channels": 3,
+                   "diffusion_norm": 1.0, "ema": True, "reference": "VIRTUAL.npz", "reference_sha256": "a" * 64,
                    "extractors": {"hcv-inception-v3-compat": {"weights_sha256": "b" * 64}}}
     assert provenance_fields() == {} and provenance_fields(ema=False) == {"ema": False}
+    assert provenance_fields(sampling={"steps": 100, "cfg_scale": 2}) == {"sampling_steps": 100,
+                                                                          "guidance_scale": 2.0}  # old names
     json.dumps(out)  # goes into results.json as it is
-    for bad, match in ((dict(steps=0), "steps=0"), (dict(num_samples=True), "num_samples=True"),
-                       (dict(guidance_scale=float("nan")), "guidance_scale=nan"),
-                       (dict(guidance_interval=(5, 1)), r"guidance_interval=\(5.0, 1.0\)"),
+    for bad, match in ((dict(sampling={"sampling_steps": 0}), "sampling_steps=0"),
+                       (dict(num_samples=True), "num_samples=True"),
+                       (dict(sampling={"guidance_scale": float("nan")}), "guidance_scale=nan"),
+                       (dict(sampling={"guidance_interval": (0.5, 0.1)}), r"guidance_interval=\[0.5, 0.1\]"),
+                       (dict(sampling={"seed": 1}), "'seed' is not known"),
                        (dict(ema="yes"), "ema='yes'"), (dict(reference_sha256="abc"), "64 hex")):
         with pytest.raises(UsageError, match=match):
             provenance_fields(**bad)

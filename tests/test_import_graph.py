@@ -143,7 +143,7 @@ def test_no_import_cycles():
 # entry points (trainers, sample, demo, compare, analysis) stand above all of these and are not listed.
 # diffusion.guidance is one equation on tensors (a leaf): HCDiT.forward_with_cfg uses it from below the models.
 FLOORS = [
-    ("hcvision.cli", "hcvision.provenance", "hcvision.resources"),
+    ("hcvision.cli", "hcvision.provenance", "hcvision.resources", "hcvision.sampling_spec"),
     ("hcvision.io", "hcvision.layers", "hcvision.connections", "hcvision.diffusion.guidance"),
     ("hcvision.models",),
     ("hcvision.data",),

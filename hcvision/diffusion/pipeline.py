@@ -28,6 +28,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..data.vae import vae_decoder
 from ..models.diffusers_model import HCDiTTransformer2DModel
+from ..sampling_spec import SamplingSpec
 from .guidance import resolve_guidance_channels
 from .objectives import OBJECTIVES
 from .sampling import make_sampler, sample
@@ -143,18 +144,22 @@ class HCDiTPipeline(DiffusionPipeline):
         """
         if output_type not in ("np", "pil", "pt", "latent"):
             raise ValueError(f"output_type={output_type!r}; accepted: 'np', 'pil', 'pt', 'latent'")
+        # the settings' ranges are declared once (hcvision.sampling_spec); a bad value is a ValueError naming it
+        spec = SamplingSpec(sampler=sampler or "", sampling_steps=num_inference_steps, guidance_scale=guidance_scale,
+                            guidance_channels=guidance_channels or 0, guidance_interval=guidance_interval,
+                            diffusion_norm=diffusion_norm)
         dit = self.transformer.dit
         labels = self._labels(class_labels)
-        if guidance_scale != 1.0 and self.transformer.null_class is None:
+        if spec.guidance_scale != 1.0 and self.transformer.null_class is None:
             raise ValueError("guidance_scale != 1 needs a DiT with a null class (trained with class_dropout_prob > 0)")
         device = self._execution_device
-        runner = make_sampler(self.scheduler if sampler is None else sampler, num_inference_steps, device,
-                              sde_diffusion_norm=diffusion_norm)
+        runner = make_sampler(spec.sampler or self.scheduler, spec.sampling_steps, device,
+                              sde_diffusion_norm=spec.diffusion_norm)
         dtype = self.transformer.dtype
         model = dit if dtype == torch.float32 else (lambda x, t, y: dit(x.to(dtype), t, y).float())
         x = sample(model, (labels.shape[0], dit.in_chans, *dit.input_size), labels, scheduler=runner,
-                   guidance_scale=guidance_scale, guidance_interval=guidance_interval,
-                   guidance_channels=resolve_guidance_channels(guidance_channels, dit.in_chans),
+                   guidance_scale=spec.guidance_scale, guidance_interval=spec.guidance_interval,
+                   guidance_channels=resolve_guidance_channels(spec.guidance_channels, dit.in_chans),
                    null_class=self.transformer.null_class, generator=generator, device=device,
                    objective=self.transformer.config.get("objective"),
                    progress=not (getattr(self, "_progress_bar_config", None) or {}).get("disable", False))

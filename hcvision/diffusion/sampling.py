@@ -47,8 +47,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch import Tensor
-
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -57,7 +55,9 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
 
+from ..sampling_spec import DDPM_SAMPLERS, FLOW_SAMPLERS, SAMPLERS
 from .guidance import Guidance, check_guidance_channels, guided_output
 
 __all__ = [
@@ -65,10 +65,7 @@ __all__ = [
     "FlowHeunSampler", "FlowSDESampler", "make_sampler", "make_scheduler", "objective_of", "sample",
 ]
 
-DDPM_SAMPLERS: Tuple[str, ...] = ("ddpm", "ddim", "dpmsolver++")
-FLOW_SAMPLERS: Tuple[str, ...] = ("euler", "heun", "sde")
 SCHEDULERS = DDPM_SAMPLERS  # the DDPM family's names (kept under their historical name)
-SAMPLERS: Dict[str, Tuple[str, ...]] = {"ddpm": DDPM_SAMPLERS, "flow": FLOW_SAMPLERS}
 # Both objectives call the model with times in [0, 999]: DDPM's integer timesteps, and 999 t for flow time t, so the
 # DiT timestep embedder sees one range and the guidance interval reads the same for both (noise level = time / 999).
 MODEL_TIME_SCALE = 999.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -332,6 +333,7 @@ def parse_config(cls: Type[C], argv: Sequence[str] = (), *, defaults: Optional[D
 
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    renamed = getattr(cls, "RENAMED_KEYS", {})  # {old key: current key}: old recipes and commands keep working
     values: Dict[str, Any] = {}
     layers = [list((defaults or {}).items())]
     for path in config_files:
@@ -339,6 +341,10 @@ def parse_config(cls: Type[C], argv: Sequence[str] = (), *, defaults: Optional[D
     layers.append(overrides)
     for layer in layers:
         for key, value in layer:
+            top = key.split(".")[0]
+            if top in renamed:
+                print(f"warning: config key {top!r} is deprecated; use {renamed[top]!r}", file=sys.stderr)
+                key = renamed[top] + key[len(top):]
             if isinstance(value, dict) and "." not in key and key in hints \
                     and typing.get_origin(hints[key]) in (dict, Dict):
                 # A mapping in YAML merges into what earlier layers set (model_kwargs from a file + CLI).

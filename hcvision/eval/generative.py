@@ -9,7 +9,8 @@
 
 The results JSON records the metrics and their provenance (:func:`hcvision.eval.provenance_fields`): the number of
 samples, the reference's name and SHA-256, each extractor's weights SHA-256, and the sampling fields (objective,
-sampler, steps, guidance scale/interval/channels, EMA) given as options or in ``--provenance FILE``. Every bad input
+sampler, sampling steps, guidance scale/interval/channels, SDE diffusion norm, EMA) given as options or in
+``--provenance FILE``. Every bad input
 exits 2 with one line, before any feature is computed or any file written.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..cli import UsageError, run_cli
+from ..sampling_spec import add_arguments
 
 __all__ = ["build_parser", "main"]
 
@@ -58,21 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--verbose", action="store_true")
     g = p.add_argument_group("provenance (copied into the results JSON)")
-    g.add_argument("--provenance", metavar="JSON", help="a JSON object with any of objective, sampler, steps, "
-                   "guidance_scale, guidance_interval, guidance_channels, ema (e.g. the sampling CLI's record)")
+    g.add_argument("--provenance", metavar="JSON", help="a JSON object with any of objective, the sampling settings "
+                   "(sampler, sampling_steps, guidance_scale, ...), ema (e.g. the sampling CLI's record)")
     g.add_argument("--objective")
-    g.add_argument("--sampler")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--guidance-scale", type=float)
-    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"))
-    g.add_argument("--guidance-channels", type=int)
+    add_arguments(g, defaults="default: from --provenance, else not recorded; e.g.")
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None)
     return p
 
 
 def _sampling_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """Sampling fields from ``--provenance`` overridden by explicit options, checked by provenance_fields."""
-    from .provenance import SAMPLING_KEYS, provenance_fields
+    """Sampling fields from ``--provenance`` (old names accepted) overridden by explicit options, checked by
+    provenance_fields."""
+    from ..sampling_spec import renamed, settings_from_args
+    from .provenance import SAMPLING_KEYS, SETTING_NAMES, provenance_fields
 
     fields: dict[str, Any] = {}
     if args.provenance:
@@ -85,11 +85,13 @@ def _sampling_fields(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--provenance file {str(path)!r} is not readable JSON ({type(err).__name__})") from None
         if not isinstance(obj, dict):
             raise UsageError(f"--provenance file {str(path)!r} must hold a JSON object, got {type(obj).__name__}")
-        fields = {k: obj[k] for k in SAMPLING_KEYS if obj.get(k) is not None}
-    for key in SAMPLING_KEYS:
-        if getattr(args, key) is not None:
-            fields[key] = getattr(args, key)
-    return provenance_fields(**fields)
+        # old records (steps, cfg_scale, scheduler) name the same settings; the new names win
+        old = {renamed(k, "--provenance"): v for k, v in obj.items() if k in ("steps", "cfg_scale", "scheduler")}
+        fields = {**old, **{k: obj[k] for k in SAMPLING_KEYS if obj.get(k) is not None}}
+    fields.update({key: getattr(args, key) for key in ("objective", "ema") if getattr(args, key) is not None})
+    fields.update(settings_from_args(args))  # checked, errors name the option
+    sampling = {k: fields.pop(k) for k in SETTING_NAMES if k in fields}
+    return provenance_fields(sampling=sampling, **fields)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

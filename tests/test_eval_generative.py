@@ -37,6 +37,7 @@ from hcvision.eval import (
     load_inception_state_dict,
     load_npz_samples,
     load_stats,
+    MetricOptions,
     metrics_from_stats,
     save_digits_classifier,
     save_npz_samples,
@@ -209,10 +210,10 @@ def test_stats_file_roundtrip(tmp_path):
     assert (back.feature_extractor, back.weights_sha256, back.num_samples, back.logits) == (
         INCEPTION_EXTRACTOR, "ab" * 32, 6, None)
     # Statistics of one set against themselves: FID 0, precision = recall = 1.
-    m = metrics_from_stats(back, back, isc=False)
+    m = metrics_from_stats(back, back, ["fid", "prc"])
     assert abs(m["fid"]) < 1e-9 and m["precision"] == 1.0 and m["recall"] == 1.0
     with pytest.raises(ValueError, match="per-sample features"):
-        metrics_from_stats(back, FeatureStats(back.mu, back.sigma, INCEPTION_EXTRACTOR, "", 6), isc=False)
+        metrics_from_stats(back, FeatureStats(back.mu, back.sigma, INCEPTION_EXTRACTOR, "", 6), ["fid", "prc"])
 
 
 # ---------------------------------------------------------------------------------------------- weights: safe, offline
@@ -292,7 +293,7 @@ def test_inception_metrics_match_torch_fidelity_and_numpy(inception_weights, ima
     gen = compute_stats(image_sets["gen_dir"], weights_path=w, include_logits=True, device="cpu")
     ref = compute_stats(image_sets["ref_npz"], weights_path=w, device="cpu")
     assert gen.features.shape == ref.features.shape == (N_IMAGES, 2048)  # Inception pool, not VGG16 (4096)
-    res = metrics_from_stats(gen, ref, kid=True)
+    res = metrics_from_stats(gen, ref, ["fid", "isc", "prc", "kid"])
     assert set(res) == {"fid", "is_mean", "is_std", "precision", "recall", "kid_mean", "kid_std"}
 
     # 1) torch-fidelity end to end with the same (safely loaded) network and explicit extractor for all metrics.
@@ -309,7 +310,7 @@ def test_inception_metrics_match_torch_fidelity_and_numpy(inception_weights, ima
     assert fid_ref > 1e-3 * np.trace(ref.sigma), "features too uninformative for a meaningful test"
     assert res["fid"] == pytest.approx(fid_ref, rel=1e-3)
     assert (res["precision"], res["recall"]) == pytest.approx(prc_numpy(gen.features, ref.features, k=3))
-    one_split = metrics_from_stats(gen, ref, fid=False, prc=False, isc_splits=1)
+    one_split = metrics_from_stats(gen, ref, ["isc"], MetricOptions(isc_splits=1))
     assert one_split["is_mean"] == pytest.approx(inception_score_numpy(gen.logits), rel=1e-6)
 
     # 3) gen from an .npz (not the folder) + cached reference statistics give the same numbers.
@@ -317,7 +318,7 @@ def test_inception_metrics_match_torch_fidelity_and_numpy(inception_weights, ima
     cached = generative_metrics(image_sets["gen_npz"], stats_path, weights_path=w, kid=True, device="cpu")
     for key in res:
         assert cached[key] == pytest.approx(res[key], rel=1e-4, abs=1e-7), key
-    self_m = metrics_from_stats(ref, load_stats(stats_path), isc=False)
+    self_m = metrics_from_stats(ref, load_stats(stats_path), ["fid", "prc"])
     assert abs(self_m["fid"]) < 1e-4 * np.trace(ref.sigma)  # eigvals of a singular product: ~1e-6 noise
     assert self_m["precision"] == 1.0 and self_m["recall"] == 1.0
 

@@ -30,7 +30,7 @@ PROG = "python -m hcvision.eval.generative"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .metrics import EXTRACTOR_ALIASES
+    from .metrics import EXTRACTOR_ALIASES, METRICS
 
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -46,15 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="InceptionV3 weights (.pth state dict or .safetensors); default $HCV_INCEPTION_WEIGHTS")
     p.add_argument("--weights", metavar="PATH", help="weights of the chosen feature extractor (any extractor)")
     p.add_argument("--model-name", help="timm model name of the hcv-digits classifier, if its file lacks it")
-    p.add_argument("--sfid", action="store_true", help="also sFID (Inception mixed_6/conv, ADM's definition)")
-    p.add_argument("--fd-dinov2", action="store_true", help="also FD-DINOv2 (needs --dinov2-weights)")
     p.add_argument("--dinov2-weights", metavar="PATH", help="DINOv2 ViT weights; default $HCV_DINOV2_WEIGHTS")
     p.add_argument("--dinov2-model", help="timm name of the DINOv2 ViT (default: recorded in the file, else "
                                           "vit_large_patch14_dinov2.lvd142m)")
-    p.add_argument("--no-fid", action="store_true")
-    p.add_argument("--no-isc", action="store_true")
-    p.add_argument("--no-prc", action="store_true")
-    p.add_argument("--kid", action="store_true")
+    m = p.add_argument_group("metrics (hcvision.eval.metrics.METRICS)")
+    for metric in METRICS.values():  # --no-NAME drops a default metric, --NAME adds another
+        flag = metric.name.replace("_", "-")
+        m.add_argument(f"--no-{flag}" if metric.default else f"--{flag}", dest=metric.name, default=metric.default,
+                       action="store_false" if metric.default else "store_true",
+                       help=f"{'skip' if metric.default else 'also'} {metric.help}")
     p.add_argument("--prc-k", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default=None)
@@ -98,7 +98,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m hcvision.eval.generative`` (run through :func:`hcvision.cli.run_cli`)."""
     args = build_parser().parse_args(argv)
     from .features import INCEPTION_EXTRACTOR
-    from .metrics import _canonical_extractor, check_output_path, evaluate_generative, save_reference_stats
+    from .metrics import (
+        METRICS,
+        MetricOptions,
+        _canonical_extractor,
+        check_output_path,
+        evaluate_generative,
+        save_reference_stats,
+    )
     from .provenance import input_sha256, provenance_fields
 
     # Options, output paths and provenance first: nothing is computed or written before they pass.
@@ -120,16 +127,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sampling = _sampling_fields(args)
     common = dict(feature_extractor=args.feature_extractor, weights_path=args.inception_weights or args.weights,
                   batch_size=args.batch_size, device=args.device, model_name=args.model_name, verbose=args.verbose,
-                  sfid=args.sfid, fd_dinov2=args.fd_dinov2, dinov2_weights=args.dinov2_weights,
-                  dinov2_model=args.dinov2_model)
+                  dinov2_weights=args.dinov2_weights, dinov2_model=args.dinov2_model)
 
     if not args.gen:  # only reference statistics
-        stats = save_reference_stats(args.ref, args.write_ref_stats, **common)
+        stats = save_reference_stats(args.ref, args.write_ref_stats, sfid=args.sfid, fd_dinov2=args.fd_dinov2,
+                                     **common)
         print(f"wrote reference statistics of {stats.num_samples} images to {args.write_ref_stats}", file=sys.stderr)
         return 0
 
-    result = evaluate_generative(args.gen, args.ref, fid=not args.no_fid, isc=not args.no_isc, prc=not args.no_prc,
-                                 kid=args.kid, prc_k=args.prc_k, save_ref_stats=args.write_ref_stats, **common)
+    metrics = [name for name in METRICS if getattr(args, name)]
+    result = evaluate_generative(args.gen, args.ref, metrics=metrics, options=MetricOptions(prc_k=args.prc_k),
+                                 save_ref_stats=args.write_ref_stats, **common)
     if args.write_ref_stats:
         print(f"wrote reference statistics to {args.write_ref_stats}", file=sys.stderr)
     record: dict[str, Any] = {

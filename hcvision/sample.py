@@ -158,10 +158,13 @@ def _read_png(path: Path) -> np.ndarray:
 
 def make_grid(images: np.ndarray, labels: Sequence[int], classes: Union[int, Sequence[int]], per_row: int = 10,
               min_cell: int = 32) -> np.ndarray:
-    """One row per class (row ``k`` = the first ``per_row`` samples of ``classes[k]``; an int ``n`` means classes
-    ``0..n-1``), 2-px gaps; small images are enlarged by an integer factor (nearest) to at least ``min_cell`` px."""
-    rows = list(range(classes)) if isinstance(classes, int) else list(classes)
+    """One row per class that has samples (row ``k`` = the first ``per_row`` samples of its class; ``classes`` gives
+    the order, an int ``n`` meaning ``0..n-1``), as many columns as the fullest row (at most ``per_row``), 2-px gaps;
+    small images are enlarged by an integer factor (nearest) to at least ``min_cell`` px. 20 samples of 10 classes
+    make a 10 x 2 grid, not a mostly blank 10 x 10 one."""
     labels = np.asarray(labels)
+    rows = [k for k in (range(classes) if isinstance(classes, int) else classes) if (labels == k).any()]
+    per_row = max(1, min(per_row, max((int((labels == k).sum()) for k in rows), default=1)))
     n, h, w, c = images.shape
     f = max(1, math.ceil(min_cell / max(h, w)))
     cell_h, cell_w, gap = h * f, w * f, 2

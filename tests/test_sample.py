@@ -278,3 +278,14 @@ def test_old_option_names_still_work_and_say_they_are_deprecated(tmp_path, run_d
         assert f"warning: {old} is deprecated; use {new}" in err
     np.testing.assert_array_equal(_read_npz(tmp_path / "old" / "samples.npz")[0],
                                   _read_npz(tmp_path / "new" / "samples.npz")[0])
+
+
+def test_grid_is_sized_to_the_samples():
+    """Fewer samples than a full grid: as many columns as the fullest class, rows only for classes with samples."""
+    labels = class_labels(range(20), 10).numpy()  # 2 per class
+    images = np.full((20, 8, 8, 1), 7, dtype=np.uint8)
+    grid = make_grid(images, labels, 10, per_row=10, min_cell=16)
+    assert grid.shape == (10 * 18 + 2, 2 * 18 + 2, 1)
+    assert (grid[2:18, 2:18] == 7).all() and (grid[2:18, 20:36] == 7).all()
+    few = make_grid(images[:4], class_labels(range(4), 1000).numpy(), 1000, min_cell=16)  # 4 of 1000 classes
+    assert few.shape == (4 * 18 + 2, 1 * 18 + 2, 1)

@@ -79,6 +79,8 @@ class DitConfig(BaseTrainConfig):
     guidance_interval: Tuple[float, float] = config_field("guidance_interval")  # REPA: [0, 0.7]
     diffusion_norm: float = config_field("diffusion_norm")  # the sde sampler's (REPA: 2)
     eval_batch_size: int = checked(250, lambda v: v >= 1, "an integer >= 1")  # per process
+    # also sample without guidance (same seeds, samples_unguided/) and report fid_unguided (final/fid_unguided)
+    eval_unguided: bool = False
     eval_seed: int = 0
     eval_ref: str = ""  # latent runs: reference images / .npz / stats for FID (Inception); digits: held-out split
     vae: str = ""  # latent runs: VAE that decodes samples; '' = the one recorded by the latent extraction
@@ -140,6 +142,15 @@ def run(cfg: DitConfig) -> int:
                 num_classes=num_classes, null_class=ema.null_class, sampling=spec, seed=cfg.eval_seed,
                 batch_size=cfg.eval_batch_size, progress=cfg.progress_bar,
                 decode=sample_decoder(info, cfg.vae, run.acc.device))
+            if cfg.eval_unguided and spec.guidance_scale != 1.0:  # 2026 papers report FID with and without guidance
+                unguided = sample_and_score(
+                    ema, Path(cfg.output_dir) / "samples_unguided", cfg.eval_samples, state=run.acc,
+                    classifier=classifier, reference=cfg.eval_ref or ("" if cfg.data_dir else "digits"),
+                    sample_shape=sample_shape, num_classes=num_classes, null_class=ema.null_class,
+                    sampling=dataclasses.replace(spec, guidance_scale=1.0), seed=cfg.eval_seed,
+                    batch_size=cfg.eval_batch_size, progress=cfg.progress_bar,
+                    decode=sample_decoder(info, cfg.vae, run.acc.device))
+                metrics.update({f"{k}_unguided": unguided[k] for k in ("fid", "cls_acc") if k in unguided})
         run.write_results({
             "model": cfg.model, "model_kwargs": kwargs, "params": sum(p.numel() for p in model.parameters()),
             "data": info["data"], "objective": cfg.objective, **metrics,

@@ -18,7 +18,7 @@ def diffusion_dataset(data_dir: str, seed: int = 0, hflip: bool = True
     if not data_dir:
         ds = digits_pixels("train")
         return ds, (1, 8, 8), list(ds.classes), {"mode": "pixels", "data": "digits"}
-    from .latents import LatentDataset, read_manifest
+    from .latent_dataset import LatentDataset, read_manifest
 
     try:
         manifest = read_manifest(data_dir)

@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.hcvision-installed
 # conftest.py's order (--no-loadscope-reorder: not xdist's by number of tests).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test lint setup bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m hcvision.demo
 
+# The lint gate first (ruff, configured in pyproject.toml): an unused import or a shadowed name stops the run.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'

@@ -1,4 +1,4 @@
-"""Files and weights, in one place: atomic writes, safe loading, rebuilding a model from a weights file.
+"""Files and weights, in one place: atomic writes and safe loading (below the models: this module imports none).
 
 - :func:`atomic_write` is the only place that writes a file under a temporary name and renames it into place
   (fsync'd, usual permissions), so a reader or a crash never sees half a file.
@@ -7,8 +7,8 @@
   never unpickled. Wrappers such as timm ``train.py``'s ``{"state_dict", "state_dict_ema", ...}`` or DiT's
   ``{"model", "ema", ...}`` are unwrapped.
 - :func:`resolve_weights` maps a run directory, a ``checkpoints/step_*`` directory or a file to one weights file.
-- :func:`load_model` rebuilds a registered model from a weights file and the name and kwargs recorded in its
-  metadata (what the trainers write), through the model family's checkpoint filter.
+
+Rebuilding a model from a weights file lives next to the models, in :mod:`hcvision.models.loading`.
 """
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ from .cli import UsageError
 
 __all__ = [
     "PathLike", "failpoint", "atomic_write", "write_bytes", "write_text", "write_json", "save_safetensors", "file_sha256",
-    "load_weights", "read_metadata", "unwrap_state_dict", "check_finite", "resolve_weights", "load_model",
-    "check_model_name", "find_checkpoints", "create_model", "recorded_model",
+    "load_weights", "read_metadata", "unwrap_state_dict", "check_finite", "resolve_weights", "find_checkpoints",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -219,7 +218,7 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Runs and models
+# Runs
 # ------------------------------------------------------------------------------------------------
 def find_checkpoints(run_dir: PathLike) -> list[Path]:
     """Complete ``checkpoints/step_*`` directories of a run, oldest first (incomplete ones are never listed)."""
@@ -254,93 +253,3 @@ def resolve_weights(path: PathLike, ema: bool = True, key: str = "checkpoint") -
     present = sorted(q.name for q in p.iterdir() if q.suffix in (".safetensors", ".pt", ".pth", ".bin"))
     raise UsageError(f"{key}={str(p)!r} holds no weights ({', '.join(present) or 'no weights files'}); accepted: "
                      f"a directory with {' or '.join(names)}, or a weights file")
-
-
-def check_model_name(name: str, family: str = "", what: str = "timm model", key: str = "model") -> None:
-    """Raise :class:`UsageError` unless ``name`` is a registered timm model whose name starts with ``family``,
-    suggesting close names."""
-    import difflib
-
-    import timm
-
-    import hcvision.models  # noqa: F401  (registers the hcvision families)
-
-    if timm.is_model(name) and name.startswith(family):
-        return
-    names = timm.list_models(f"{family}*")
-    close = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
-    if not close:  # e.g. a typo in the size part: match on the family prefix instead
-        close = [n for n in names if n.startswith(name.split("_")[0] + "_")][:4]
-    hint = f"; close names: {', '.join(close)}" if close else "; see timm.list_models()"
-    raise UsageError(f"{key}={name!r} is not a registered {what}{hint}")
-
-
-def recorded_model(metadata: Mapping[str, str], source: str) -> Tuple[Optional[str], Dict[str, Any]]:
-    """The model name and kwargs a trainer recorded in a weights file's metadata."""
-    name = metadata.get("model") or metadata.get("model_name")
-    try:
-        kwargs = json.loads(metadata.get("model_kwargs", "{}"))
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{source}: metadata 'model_kwargs' is not valid JSON ({err})") from None
-    if not isinstance(kwargs, dict):
-        raise UsageError(f"{source}: metadata 'model_kwargs' must be a JSON object, got {kwargs!r}")
-    return name, kwargs
-
-
-def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None, *, meta: bool = False,
-                 key: str = "model_kwargs") -> torch.nn.Module:
-    """``timm.create_model(name, **kwargs)``; a kwarg the model rejects (an unknown name, a bad connection kind or
-    rate) is a :class:`UsageError` naming ``key``. ``meta`` builds on the meta device (no memory, for checks)."""
-    import timm
-
-    kwargs = dict(kwargs or {})
-    try:
-        if meta:
-            with torch.device("meta"):
-                return timm.create_model(name, **kwargs)
-        return timm.create_model(name, **kwargs)
-    except (TypeError, ValueError) as err:
-        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no kwargs"
-        raise UsageError(f"model={name!r} cannot be built with {key} {given}: {_first_line(err)}") from None
-
-
-def load_state_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, name: str) -> None:
-    """``model.load_state_dict(state, strict=True)`` after the family's key conversion
-    (:func:`hcvision.models.filter_checkpoint`); a misfit is a :class:`UsageError` naming ``source`` and ``name``."""
-    from .models import filter_checkpoint
-
-    try:
-        model.load_state_dict(filter_checkpoint(state, model), strict=True)
-    except (RuntimeError, ValueError) as err:
-        raise UsageError(f"{source} does not fit {name!r} ({_first_line(err)})") from None
-
-
-def load_model(path: PathLike, model_name: Optional[str] = None, model_kwargs: Optional[Dict[str, Any]] = None, *,
-               ema: bool = True, family: str = "", what: str = "timm model", finite: bool = True,
-               ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """Rebuild a registered model from a weights file (or run/checkpoint directory) in eval mode.
-
-    The name and kwargs come from the file's metadata unless given; a file trained as another model is refused.
-    Returns ``(model, info)`` with ``info = {"weights": path, "sha256": ..., "model": name, "model_kwargs": ...,
-    "metadata": ...}``.
-    """
-    weights = resolve_weights(path, ema=ema)
-    state, metadata = load_weights(weights, prefer_ema=ema)
-    source = f"weights file {str(weights)!r}"
-    recorded_name, recorded_kwargs = recorded_model(metadata, source)
-    name = model_name or recorded_name
-    if not name:
-        raise UsageError(f"{source} does not record its model name; pass the model name explicitly")
-    if recorded_name and model_name and recorded_name != model_name:
-        raise UsageError(f"{source} holds weights of {recorded_name!r}, not {model_name!r}; pass the model "
-                         f"{recorded_name!r} or another file")
-    check_model_name(name, family, what)
-    kwargs = recorded_kwargs if model_kwargs is None else dict(model_kwargs)
-    model = create_model(name, kwargs, key=f"the model_kwargs of {source}")
-    if finite:
-        check_finite(state, source)
-    load_state_into(model, state, source, name)
-    model.eval().requires_grad_(False)
-    info = {"weights": str(weights), "sha256": file_sha256(weights), "model": name, "model_kwargs": kwargs,
-            "metadata": metadata}
-    return model, info

@@ -34,6 +34,7 @@ import torch
 
 from . import io
 from .cli import UsageError
+from .models.loading import create_model
 
 __all__ = ["PretrainedSource", "resolve_pretrained", "create_pretrained"]
 
@@ -216,7 +217,7 @@ def create_pretrained(name: str, source: PretrainedSource, kwargs: Optional[Dict
     import timm
 
     kwargs = dict(kwargs or {})
-    target_cfg = io.create_model(name, kwargs, meta=True).pretrained_cfg
+    target_cfg = create_model(name, kwargs, meta=True).pretrained_cfg
     overlay = dict(file=str(source.file), num_classes=source.num_classes,
                    input_size=(source.in_chans or target_cfg["input_size"][0], *target_cfg["input_size"][1:]))
     try:

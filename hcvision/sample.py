@@ -3,7 +3,7 @@
     python -m hcvision.sample --checkpoint runs/dit_xl_2_shc2 --num-samples 50000 --out samples/ \\
         --vae /models/sd-vae-ft-ema                          # DiT's evaluation: 250 DDPM steps, cfg 1.5
     python -m hcvision.sample --checkpoint runs/sit_xl_2_repa --num-samples 50000 --out samples/ \\
-        --cfg-scale 1.8 --guidance-interval 0 0.7             # REPA's: flow model, 250 SDE steps, guidance interval
+        --guidance-scale 1.8 --guidance-interval 0 0.7 --diffusion-norm 2   # REPA: flow, 250 SDE steps
     torchrun --nproc_per_node 8 -m hcvision.sample ...       # same files, 8x faster
 
 The objective (``ddpm`` or ``flow``) and the sampling defaults come from the weights file's metadata (written by
@@ -24,6 +24,7 @@ cannot be a directory, a missing VAE, ...) exits with status 2 and one line, bef
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -37,12 +38,15 @@ import torch
 from torch import Tensor
 
 from .cli import UsageError, run_cli
-from .eval.provenance import provenance_fields
-from .data.latents import VaeUnavailableError, process_state
-from .diffusion import DEFAULT_SAMPLER, SAMPLERS, objective_of, read_sampling_metadata
-from .diffusion.guidance import resolve_guidance_channels
+from .data.latents import process_state
+from .data.vae import VaeUnavailableError
+from .diffusion import make_sampler, objective_of, read_sampling_metadata
 from .diffusion import sample as diffusion_sample
-from .io import PathLike, atomic_write, load_model, write_json
+from .diffusion.guidance import resolve_guidance_channels
+from .eval.provenance import provenance_fields
+from .io import PathLike, atomic_write, write_json
+from .models.loading import load_model
+from .sampling_spec import SamplingSpec, add_arguments, settings_from_args
 
 __all__ = ["class_labels", "decode_to_uint8", "generate", "load_dit", "make_grid", "sample_seed", "sample_to_dir",
            "sample_and_score",
@@ -83,11 +87,7 @@ def generate(
     sample_shape: Tuple[int, ...],
     num_classes: int,
     null_class: Optional[int],
-    scheduler: str = "ddpm",
-    steps: int = 250,
-    cfg_scale: float = 1.5,
-    guidance_channels: Optional[int] = None,
-    guidance_interval: Tuple[float, float] = (0.0, 1.0),
+    sampling: SamplingSpec = SamplingSpec(sampler="ddpm"),
     classes: Optional[Sequence[int]] = None,
     seed: int = 0,
     batch_size: int = 32,
@@ -97,15 +97,18 @@ def generate(
 ) -> Tuple[np.ndarray, Tensor]:
     """Generate the samples ``indices`` (any subset of ``0..N-1``); returns uint8 NHWC images and their labels.
 
-    Each batch goes through :func:`hcvision.diffusion.sample` with one generator per row. ``decode`` maps model
-    outputs to images in [-1, 1] (a VAE decoder); ``None`` means pixel space.
+    Each batch goes through :func:`hcvision.diffusion.sample` with one generator per row, sampled as ``sampling``
+    says (its sampler named: ``SamplingSpec.for_objective`` fills in an objective's default; guidance channels 0 =
+    automatic). ``decode`` maps model outputs to images in [-1, 1] (:func:`hcvision.data.vae.vae_decoder`);
+    ``None`` means pixel space.
     """
-    objective_of(scheduler)  # ValueError listing the accepted names
+    objective_of(sampling.sampler)  # ValueError listing the accepted names
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is not valid; expected an integer >= 1")
-    if cfg_scale != 1.0 and null_class is None:
-        raise ValueError(f"cfg_scale={cfg_scale} needs a model trained with label dropout (a null class); "
-                         "use cfg_scale=1 for this model")
+    if sampling.guidance_scale != 1.0 and null_class is None:
+        raise ValueError(f"guidance_scale={sampling.guidance_scale} needs a model trained with label dropout (a null "
+                         "class); use guidance_scale=1 for this model")
+    guidance_channels = resolve_guidance_channels(sampling.guidance_channels, sample_shape[0])
     device = torch.device(device)
     indices = list(indices)
     labels = class_labels(indices, num_classes, classes)
@@ -114,16 +117,18 @@ def generate(
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"sampling ({scheduler}, {steps} steps)", unit="batch")
+        batches = tqdm(batches, desc=f"sampling ({sampling.sampler}, {sampling.sampling_steps} steps)", unit="batch")
     for b in batches:
         idx = indices[b: b + batch_size]
         padded = idx + [idx[-1]] * (batch_size - len(idx))
         # Pad with copies of the last sample: every forward pass then has the same shape on every rank.
         gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in padded]
         y = class_labels(padded, num_classes, classes).to(device)
-        x = diffusion_sample(model, (len(padded), *sample_shape), y, scheduler=scheduler, num_steps=steps,
-                             guidance_scale=cfg_scale, guidance_channels=guidance_channels,
-                             guidance_interval=guidance_interval, null_class=null_class, generator=gens,
+        sampler = make_sampler(sampling.sampler, sampling.sampling_steps, device,
+                               sde_diffusion_norm=sampling.diffusion_norm)  # fresh: multistep solvers keep state
+        x = diffusion_sample(model, (len(padded), *sample_shape), y, scheduler=sampler,
+                             guidance_scale=sampling.guidance_scale, guidance_channels=guidance_channels,
+                             guidance_interval=sampling.guidance_interval, null_class=null_class, generator=gens,
                              device=device)
         if decode is not None:
             x = decode(x)
@@ -153,10 +158,13 @@ def _read_png(path: Path) -> np.ndarray:
 
 def make_grid(images: np.ndarray, labels: Sequence[int], classes: Union[int, Sequence[int]], per_row: int = 10,
               min_cell: int = 32) -> np.ndarray:
-    """One row per class (row ``k`` = the first ``per_row`` samples of ``classes[k]``; an int ``n`` means classes
-    ``0..n-1``), 2-px gaps; small images are enlarged by an integer factor (nearest) to at least ``min_cell`` px."""
-    rows = list(range(classes)) if isinstance(classes, int) else list(classes)
+    """One row per class that has samples (row ``k`` = the first ``per_row`` samples of its class; ``classes`` gives
+    the order, an int ``n`` meaning ``0..n-1``), as many columns as the fullest row (at most ``per_row``), 2-px gaps;
+    small images are enlarged by an integer factor (nearest) to at least ``min_cell`` px. 20 samples of 10 classes
+    make a 10 x 2 grid, not a mostly blank 10 x 10 one."""
     labels = np.asarray(labels)
+    rows = [k for k in (range(classes) if isinstance(classes, int) else classes) if (labels == k).any()]
+    per_row = max(1, min(per_row, max((int((labels == k).sum()) for k in rows), default=1)))
     n, h, w, c = images.shape
     f = max(1, math.ceil(min_cell / max(h, w)))
     cell_h, cell_w, gap = h * f, w * f, 2
@@ -232,8 +240,9 @@ def sample_and_score(model: torch.nn.Module, out_dir: PathLike, num_samples: int
 # ------------------------------------------------------------------------------------------------
 def load_dit(checkpoint: PathLike, model_name: Optional[str] = None, *, ema: bool = True
              ) -> Tuple[torch.nn.Module, dict]:
-    """A registered DiT rebuilt from a run directory, checkpoint directory or weights file (:func:`hcvision.io.
-    load_model`), in eval mode, plus ``info`` with the recorded objective and sampling defaults under ``"sampling"``.
+    """A registered DiT rebuilt from a run directory, checkpoint directory or weights file
+    (:func:`hcvision.models.loading.load_model`), in eval mode, plus ``info`` with the recorded objective and sampling
+    settings under ``"sampling"`` (:func:`hcvision.diffusion.read_sampling_metadata`).
     """
     model, info = load_model(checkpoint, model_name, ema=ema, family="dit_", what="DiT")
     info["sampling"] = read_sampling_metadata(info["metadata"], f"weights file {info['weights']!r}")
@@ -246,22 +255,12 @@ def load_dit(checkpoint: PathLike, model_name: Optional[str] = None, *, ema: boo
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hcvision.sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    names = ", ".join(f"{n} ({o})" for o, ns in SAMPLERS.items() for n in ns)
     p.add_argument("--model", default=None, help="registered DiT name (default: the one recorded in the weights)")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoints/step_* directory or weights file")
     p.add_argument("--num-samples", type=int, required=True)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--scheduler", "--sampler", dest="scheduler", default=None,
-                   help=f"sampler, one of {names}; default: the one recorded with the weights, else ddpm for DDPM "
-                        f"models and {DEFAULT_SAMPLER['flow']} for flow models")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: recorded, else 250)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: recorded, else 1.5)")
-    p.add_argument("--guidance-channels", type=int, default=None,
-                   help="guide the first k prediction channels (default: recorded, else automatic; 0: automatic, "
-                        "i.e. 3 for 4-channel latents as DiT, else all)")
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="apply guidance only at noise levels t in [LO, HI] (0 = data, 1 = noise; REPA: 0 0.7); "
-                        "default: recorded, else 0 1")
+    add_arguments(p.add_argument_group("sampling (hcvision.sampling_spec)"),
+                  defaults="default: as recorded with the weights, else")
     p.add_argument("--classes", default=None,
                    help="comma-separated class ids to sample, cycled (default: all classes, balanced)")
     p.add_argument("--vae", default="auto", help="hub id or local diffusers AutoencoderKL directory, or 'none' "
@@ -307,7 +306,7 @@ def parse_classes(spec: Optional[str], num_classes: int) -> Optional[List[int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .data.latents import DEFAULT_SCALE_FACTOR, DEFAULT_VAE, load_vae
+    from .data.vae import DEFAULT_VAE, load_vae, vae_decoder
 
     if args.num_samples < 1:
         raise UsageError(f"--num-samples={args.num_samples} is not valid; expected an integer >= 1")
@@ -320,27 +319,11 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(state.device)
     rec = info["sampling"]
     objective = rec["objective"]
-    scheduler = args.scheduler or rec["sampler"] or DEFAULT_SAMPLER[objective]
-    if scheduler not in SAMPLERS[objective]:
-        known = any(scheduler in names for names in SAMPLERS.values())
-        raise UsageError(f"--scheduler={scheduler!r} {'does not sample' if known else 'is not a sampler of'} this "
-                         f"{objective} model ({info['weights']}); accepted: {', '.join(SAMPLERS[objective])}")
-    steps = args.steps if args.steps is not None else (rec["steps"] or 250)
-    if not 1 <= steps <= 1000:
-        raise UsageError(f"--steps={steps} is not valid; expected an integer in [1, 1000]")
-    cfg_scale = args.cfg_scale if args.cfg_scale is not None else (
-        rec["cfg_scale"] if rec["cfg_scale"] is not None else 1.5)
-    if not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise UsageError(f"--cfg-scale={cfg_scale} is not valid; expected a number >= 0 (1: no guidance)")
-    if cfg_scale != 1.0 and model.null_class is None:
-        raise UsageError(f"--cfg-scale={cfg_scale} needs a model trained with label dropout (a null class); "
-                         f"{info['weights']} has none: use --cfg-scale 1")
-    interval = tuple(args.guidance_interval) if args.guidance_interval is not None else (
-        rec["guidance_interval"] or (0.0, 1.0))
-    if not 0.0 <= interval[0] <= interval[1] <= 1.0:
-        raise UsageError(f"--guidance-interval={list(interval)} is not valid; expected LO HI with 0 <= LO <= HI <= 1")
-    gc = resolve_guidance_channels(args.guidance_channels if args.guidance_channels is not None
-                                   else rec["guidance_channels"], model.in_chans, "--guidance-channels")
+    spec = SamplingSpec(**{**rec["settings"], **settings_from_args(args)}).for_objective(objective, "--sampler")
+    if spec.guidance_scale != 1.0 and model.null_class is None:
+        raise UsageError(f"--guidance-scale={spec.guidance_scale} needs a model trained with label dropout (a null "
+                         f"class); {info['weights']} has none: use --guidance-scale 1")
+    gc = resolve_guidance_channels(spec.guidance_channels, model.in_chans, "--guidance-channels")
     classes = parse_classes(args.classes, model.num_classes)
     vae_spec = args.vae
     if vae_spec == "auto":
@@ -351,22 +334,18 @@ def run(args: argparse.Namespace) -> int:
             vae = load_vae(vae_spec, state.device)
         except (VaeUnavailableError, ValueError) as err:  # the message says how to supply a local VAE
             raise UsageError(str(err)) from None
-        scale = args.scale_factor or float(getattr(vae.config, "scaling_factor", DEFAULT_SCALE_FACTOR))
-        decode = lambda z: vae.decode(z.to(vae.dtype) / scale).sample  # noqa: E731
+        decode = vae_decoder(vae, args.scale_factor)
     elif model.in_chans not in (1, 3):
         raise UsageError(f"model {info['model']!r} generates {model.in_chans}-channel latents; pass --vae "
                          "PATH|hub-id to decode them to images")
     config = {"model": info["model"], "weights": info["weights"], "weights_sha256": info["sha256"],
-              "objective": objective, "num_samples": args.num_samples, "scheduler": scheduler, "steps": steps,
-              "cfg_scale": cfg_scale, "guidance_channels": gc, "guidance_interval": list(interval),
               "classes": classes, "vae": vae_spec, "seed": args.seed, "num_classes": model.num_classes,
               # the keys `python -m hcvision.eval.generative --provenance sample_config.json` carries into its results
-              **provenance_fields(num_samples=args.num_samples, objective=objective, sampler=scheduler, steps=steps,
-                                  guidance_scale=cfg_scale, guidance_interval=list(interval), guidance_channels=gc,
+              **provenance_fields(num_samples=args.num_samples, objective=objective,
+                                  sampling={**dataclasses.asdict(spec), "guidance_channels": gc or model.in_chans},
                                   ema="ema" in Path(info["weights"]).name)}
     sample_to_dir(model, out, args.num_samples, state=state, sample_shape=(model.in_chans, *model.input_size),
-                  num_classes=model.num_classes, null_class=model.null_class, scheduler=scheduler, steps=steps,
-                  cfg_scale=cfg_scale, guidance_channels=gc, guidance_interval=interval, classes=classes,
+                  num_classes=model.num_classes, null_class=model.null_class, sampling=spec, classes=classes,
                   seed=args.seed, batch_size=args.batch_size, decode=decode, progress=not args.no_progress)
     if state.is_main_process:
         write_json(out / "sample_config.json", config)

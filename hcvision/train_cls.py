@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 
 import hcvision  # noqa: F401  (registers the hcvision models with timm)
-from hcvision import io
 from hcvision.data import TransformOptions, classification_datasets
-from hcvision.data.transforms import CHECKS as TF
 from hcvision.data.sources import make_loader, parse_data
+from hcvision.data.transforms import CHECKS as TF
 from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, checked, train_main
 from hcvision.engine.config import checked_model_kwargs
 from hcvision.eval.classification import evaluate, evaluate_with_ema, load_classifier_weights, recorded_classifier
+from hcvision.models.loading import create_model
 from hcvision.pretrained import create_pretrained, resolve_pretrained
 
 
@@ -135,7 +135,7 @@ def run(cfg: ClsConfig) -> int:
     check_model_name(cfg.model)
     source = resolve_pretrained(cfg.pretrained) if cfg.pretrained else None  # offline hub: exit 2 before any write
     data = parse_data(cfg.data_dir, cfg.data_root)
-    meta_model = io.create_model(cfg.model, cfg.model_kwargs, meta=True)  # for its cfg: mean/std, size, channels
+    meta_model = create_model(cfg.model, cfg.model_kwargs, meta=True)  # for its cfg: mean/std, size, channels
     train_set, val_set, num_classes, collate = classification_datasets(
         data, meta_model, seed=cfg.seed, digits_augment=cfg.digits_augment, transform=TransformOptions.from_config(cfg),
         train_split=cfg.train_split, val_split=cfg.val_split, train_num_samples=cfg.train_num_samples,

@@ -16,6 +16,7 @@ digits (plus ``cls_acc``) or, for latents, ``eval_ref`` (:func:`hcvision.eval.sc
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -23,19 +24,20 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import timm
-import torch
 from torch.utils.data import DataLoader
 
 import hcvision  # noqa: F401  (registers the DiT family with timm)
+from hcvision.cli import UsageError
 from hcvision.data.generative import check_decoder, check_model_fits, diffusion_dataset, sample_decoder
-from hcvision.diffusion import (DEFAULT_SAMPLER, OBJECTIVES, SAMPLERS, TIME_SAMPLINGS, DiffusionLoss, make_sampler,
-                                sampling_metadata)
+from hcvision.diffusion import OBJECTIVES, TIME_SAMPLINGS, DiffusionLoss, make_sampler, sampling_metadata
 from hcvision.diffusion.guidance import resolve_guidance_channels
 from hcvision.diffusion.repa import DEFAULT_ENCODER, REPA, base_model, load_repa_encoder_for
 from hcvision.engine import BaseTrainConfig, ConfigError, Run, check_model_name, checked, require, train_main
 from hcvision.engine.config import checked_model_kwargs
-from hcvision.eval import check_digits_classifier
+from hcvision.eval import check_digits_classifier, provenance_fields
 from hcvision.sample import sample_and_score
+from hcvision.sampling_spec import SamplingSpec, config_field, renamed_config_keys
+from hcvision.sampling_spec import settings as sampling_settings
 
 
 @dataclass
@@ -70,17 +72,22 @@ class DitConfig(BaseTrainConfig):
     repa_projector_dim: int = checked(2048, lambda v: v >= 1, "an integer >= 1")  # REPA's MLP projector width
     # -- evaluation: final sampling and scoring ----------------------------------------------------
     eval_samples: int = checked(1000, lambda v: v >= 0, "an integer >= 0 (0 skips)")  # from the EMA model
-    eval_scheduler: str = ""  # '' = the objective's default: ddpm (DDPM), sde (flow); see hcvision.diffusion.SAMPLERS
-    eval_steps: int = checked(100, lambda v: 1 <= v <= 1000, "an integer in [1, 1000]")
-    cfg_scale: float = checked(1.5, lambda v: 0 <= v < float("inf"), "a number >= 0 (1: no guidance)")
-    guidance_channels: int = checked(0, lambda v: v >= 0, "0 (auto) or k >= 1")  # auto: 3 of 4 latents (DiT), else all
-    # guide only at noise levels in [lo, hi] (0 = data, 1 = noise; REPA: 0, 0.7)
-    guidance_interval: Tuple[float, float] = checked((0.0, 1.0), lambda v: 0 <= v[0] <= v[1] <= 1, "0 <= lo <= hi <= 1")
+    # the sampling settings (declared once in hcvision.sampling_spec; recorded in the weights for hcvision.sample)
+    sampler: str = config_field("sampler")  # '' = the objective's default: ddpm (DDPM), sde (flow)
+    sampling_steps: int = config_field("sampling_steps", 100)  # the demo's 100 (DiT: 250)
+    guidance_scale: float = config_field("guidance_scale")
+    guidance_channels: int = config_field("guidance_channels")  # 0: 3 of 4 latent channels (DiT), else all
+    guidance_interval: Tuple[float, float] = config_field("guidance_interval")  # REPA: [0, 0.7]
+    diffusion_norm: float = config_field("diffusion_norm")  # the sde sampler's (REPA: 2)
     eval_batch_size: int = checked(250, lambda v: v >= 1, "an integer >= 1")  # per process
+    # also sample without guidance (same seeds, samples_unguided/) and report fid_unguided (final/fid_unguided)
+    eval_unguided: bool = False
     eval_seed: int = 0
     eval_ref: str = ""  # latent runs: reference images / .npz / stats for FID (Inception); digits: held-out split
     vae: str = ""  # latent runs: VAE that decodes samples; '' = the one recorded by the latent extraction
     digits_classifier: str = ""  # '' = $HCV_DIGITS_CLASSIFIER or weights/vit_digits_patch2_8_res.hcv_digits.safetensors
+
+    RENAMED_KEYS = renamed_config_keys()  # eval_scheduler, eval_steps, cfg_scale: accepted with a warning
 
     def validate(self) -> None:
         super().validate()
@@ -88,17 +95,18 @@ class DitConfig(BaseTrainConfig):
                                                         "repa_encoder_kwargs")
         require(self.time_sampling in (TIME_SAMPLINGS if self.objective == "flow" else ("uniform",)), "time_sampling",
                 self.time_sampling, f"one of {TIME_SAMPLINGS} for objective=flow, 'uniform' for objective=ddpm")
-        require(self.eval_scheduler in ("", *SAMPLERS[self.objective]), "eval_scheduler", self.eval_scheduler,
-                f"one of {SAMPLERS[self.objective]} for objective={self.objective} ('' = {self.sampler})")
-        if self.cfg_scale != 1.0 and self.class_dropout_prob == 0.0 and self.eval_samples:
-            raise ConfigError(f"cfg_scale={self.cfg_scale} needs label dropout (class_dropout_prob > 0) to train the "
-                              "null class; set cfg_scale=1 or class_dropout_prob=0.1")
+        try:
+            self.sampling()
+        except UsageError as err:
+            raise ConfigError(str(err)) from None
+        if self.guidance_scale != 1.0 and self.class_dropout_prob == 0.0 and self.eval_samples:
+            raise ConfigError(f"guidance_scale={self.guidance_scale} needs label dropout (class_dropout_prob > 0) to "
+                              "train the null class; set guidance_scale=1 or class_dropout_prob=0.1")
 
-    @property
-    def sampler(self) -> str:
-        """The final evaluation's sampler (and the weights' default): ``eval_scheduler``, else the objective's."""
-        ok = self.eval_scheduler in SAMPLERS.get(self.objective, ())
-        return self.eval_scheduler if ok else DEFAULT_SAMPLER.get(self.objective, "ddpm")
+    def sampling(self) -> SamplingSpec:
+        """The final evaluation's sampling (and the weights' defaults), the sampler '' made the objective's."""
+        values = {f.name: getattr(self, f.name) for f in sampling_settings()}
+        return SamplingSpec(**values).for_objective(self.objective)
 
 
 def run(cfg: DitConfig) -> int:
@@ -108,7 +116,8 @@ def run(cfg: DitConfig) -> int:
     num_classes = len(classes)
     kwargs = {**cfg.model_kwargs, "num_classes": num_classes, "class_dropout_prob": cfg.class_dropout_prob}
     dit = check_model_fits(cfg.model, cfg.model_kwargs, sample_shape, num_classes)  # on the meta device
-    guidance_channels = resolve_guidance_channels(cfg.guidance_channels, sample_shape[0])
+    spec = cfg.sampling()
+    guidance_channels = resolve_guidance_channels(cfg.guidance_channels, sample_shape[0])  # fits the data: now
     encoder = load_repa_encoder_for(dit, cfg.repa_block, cfg.repa_encoder, cfg.repa_encoder_model, info,
                                     **cfg.repa_encoder_kwargs) if cfg.repa_weight else None
     classifier = check_digits_classifier(cfg.digits_classifier) if cfg.eval_samples and not cfg.data_dir else None
@@ -125,26 +134,33 @@ def run(cfg: DitConfig) -> int:
         if result is None:
             return run.exit_code
         run.save_weights({"model": cfg.model, "model_kwargs": json.dumps(kwargs), **sampling_metadata(
-            cfg.objective, time_sampling=cfg.time_sampling if cfg.objective == "flow" else None, sampler=cfg.sampler,
-            steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, guidance_channels=cfg.guidance_channels,
-            guidance_interval=cfg.guidance_interval)}, select=base_model)  # the DiT's weights only
+            cfg.objective, spec, time_sampling=cfg.time_sampling if cfg.objective == "flow" else None)},
+            select=base_model)  # the DiT's weights only
         metrics: Dict[str, Any] = {}  # scores first: what a reader of results.json looks for
         if cfg.eval_samples:  # the EMA weights draw class-balanced samples (collective), rank 0 scores them
             ema = base_model(run.ema.module if run.ema is not None else run.unwrapped).eval()
             metrics = sample_and_score(
                 ema, Path(cfg.output_dir) / "samples", cfg.eval_samples, state=run.acc, classifier=classifier,
                 reference=cfg.eval_ref or ("" if cfg.data_dir else "digits"), sample_shape=sample_shape,
-                num_classes=num_classes, null_class=ema.null_class, scheduler=cfg.sampler, steps=cfg.eval_steps,
-                cfg_scale=cfg.cfg_scale, guidance_channels=guidance_channels, guidance_interval=cfg.guidance_interval,
-                seed=cfg.eval_seed, batch_size=cfg.eval_batch_size, progress=cfg.progress_bar,
+                num_classes=num_classes, null_class=ema.null_class, sampling=spec, seed=cfg.eval_seed,
+                batch_size=cfg.eval_batch_size, progress=cfg.progress_bar,
                 decode=sample_decoder(info, cfg.vae, run.acc.device))
+            if cfg.eval_unguided and spec.guidance_scale != 1.0:  # 2026 papers report FID with and without guidance
+                unguided = sample_and_score(
+                    ema, Path(cfg.output_dir) / "samples_unguided", cfg.eval_samples, state=run.acc,
+                    classifier=classifier, reference=cfg.eval_ref or ("" if cfg.data_dir else "digits"),
+                    sample_shape=sample_shape, num_classes=num_classes, null_class=ema.null_class,
+                    sampling=dataclasses.replace(spec, guidance_scale=1.0), seed=cfg.eval_seed,
+                    batch_size=cfg.eval_batch_size, progress=cfg.progress_bar,
+                    decode=sample_decoder(info, cfg.vae, run.acc.device))
+                metrics.update({f"{k}_unguided": unguided[k] for k in ("fid", "cls_acc") if k in unguided})
         run.write_results({
             "model": cfg.model, "model_kwargs": kwargs, "params": sum(p.numel() for p in model.parameters()),
             "data": info["data"], "objective": cfg.objective, **metrics,
             "weights": "ema" if run.ema is not None else "raw", "eval_samples": cfg.eval_samples,
-            "eval_scheduler": cfg.sampler, "eval_steps": cfg.eval_steps,
-            "eval_nfe": make_sampler(cfg.sampler, cfg.eval_steps).nfe, "cfg_scale": cfg.cfg_scale,
-            "guidance_interval": list(cfg.guidance_interval),
+            **provenance_fields(sampling={**dataclasses.asdict(spec),
+                                          "guidance_channels": guidance_channels or sample_shape[0]}),
+            "eval_nfe": make_sampler(spec.sampler, spec.sampling_steps).nfe,
             **({"repa_weight": cfg.repa_weight, "repa_block": cfg.repa_block} if repa else {}),
         }, shown=("model", "objective", "fid", "precision", "recall", "cls_acc", "global_step", "images_per_sec"))
     return 0

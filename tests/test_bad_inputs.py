@@ -205,10 +205,11 @@ CASES = [
     ("resume-dit-on-cls-run", DIT, ["output_dir={root}/run", "resume=auto", "progress_bar=false",
                                     "tensorboard=false"], r"model="),
     # -- DiT config --------------------------------------------------------------------------------------------
-    ("dit-scheduler", DIT, D_OUT + ["eval_scheduler=foo"], r"eval_scheduler"),
-    ("dit-cfg-nan", DIT, D_OUT + ["cfg_scale=nan"], r"cfg_scale"),
+    ("dit-scheduler", DIT, D_OUT + ["sampler=foo"], r"sampler='foo'"),
+    ("dit-cfg-nan", DIT, D_OUT + ["guidance_scale=nan"], r"guidance_scale=nan"),
     ("dit-dropout", DIT, D_OUT + ["class_dropout_prob=1"], r"class_dropout_prob"),
-    ("dit-steps", DIT, D_OUT + ["eval_steps=0"], r"eval_steps"),
+    ("dit-steps", DIT, D_OUT + ["sampling_steps=0"], r"sampling_steps=0"),
+    ("dit-norm", DIT, D_OUT + ["diffusion_norm=-2"], r"diffusion_norm=-2"),
     # -- sampling ----------------------------------------------------------------------------------------------
     ("sample-missing", SAMPLE, ["--checkpoint", "{root}/nope", "--num-samples", "2", "--out", "{root}/s"], r"nope"),
     ("sample-truncated", SAMPLE, ["--checkpoint", "{root}/truncated.safetensors", "--num-samples", "2", "--out",

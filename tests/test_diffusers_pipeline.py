@@ -14,7 +14,8 @@ import timm
 import torch
 
 import hcvision.models  # noqa: F401
-from hcvision.models.diffusers_model import HCDiTPipeline, HCDiTTransformer2DModel, dit_scheduler
+from hcvision.diffusion.pipeline import HCDiTPipeline, dit_scheduler
+from hcvision.models.diffusers_model import HCDiTTransformer2DModel
 
 DIGITS = "dit_digits_2_{}"
 TINY = dict(depth=2)  # the digits DiT is 96-d with 16 tokens; two blocks keep each test well under a second
@@ -210,3 +211,71 @@ def test_pixel_pipeline_without_vae_round_trips(tmp_path):
     assert [im.size for im in a] == [(8, 8), (8, 8)] and a[0].mode == "L"
     assert all(np.array_equal(np.asarray(p), np.asarray(q)) for p, q in zip(a, b))
     assert not math.isnan(float(np.asarray(a[0]).mean()))
+
+
+def _reference_flow_euler(model, labels, steps, generator):
+    """Euler on dx/dt = v from t = 1 (noise) to 0 on t_i = 1 - i / N, the model called at 999 t (SiT's convention,
+    written here from the equations)."""
+    n, c = len(labels), model.dit.in_chans
+    x = torch.randn((n, c, 8, 8), generator=generator)
+    grid = np.linspace(1.0, 0.0, steps + 1)
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        with torch.no_grad():
+            v = model.dit(x, torch.full((n,), float(np.float32(t)) * 999.0), torch.as_tensor(labels))[:, :c]
+        x = x + float(np.float32(t_next) - np.float32(t)) * v
+    return x
+
+
+def test_flow_dit_with_diffusers_flow_scheduler_is_euler_on_the_velocity():
+    """The call of a new user (a flow DiT, diffusers' FlowMatchEulerDiscreteScheduler as it comes) samples, gives PIL
+    images by default, and is Euler on the velocity with the model called at 999 t."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model = _randomize(HCDiTTransformer2DModel(DIGITS.format("shc2"), TINY, objective="flow")).eval()
+    pipe = HCDiTPipeline(model, FlowMatchEulerDiscreteScheduler(), vae=None)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe([0, 3, 7], num_inference_steps=5, generator=torch.Generator().manual_seed(5)).images
+    assert len(images) == 3 and images[0].size == (8, 8) and images[0].mode == "L"
+    out = pipe([0, 3, 7], num_inference_steps=5, generator=torch.Generator().manual_seed(5),
+               output_type="latent").images
+    ref = _reference_flow_euler(model, [0, 3, 7], 5, torch.Generator().manual_seed(5))
+    assert out.abs().max() > 0.1
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="samples the 'ddpm' objective, not 'flow'"):
+        pipe.scheduler = dit_scheduler("ddpm")
+        pipe([0], num_inference_steps=2)
+
+
+SAME_AS_CLI = [  # (objective, the pipeline's scheduler, sampler name passed to the pipeline, the CLI's sampler)
+    ("ddpm", lambda: dit_scheduler("ddpm"), None, "ddpm"),
+    ("ddpm", lambda: dit_scheduler("ddpm"), "dpmsolver++", "dpmsolver++"),
+    ("flow", lambda: dit_scheduler("euler"), None, "euler"),
+    ("flow", lambda: dit_scheduler("euler"), "heun", "heun"),
+    ("flow", lambda: dit_scheduler("euler"), "sde", "sde"),
+]
+
+
+@pytest.mark.parametrize("objective,scheduler,sampler,cli_sampler", SAME_AS_CLI,
+                         ids=[f"{o}-{c}" for o, _, _, c in SAME_AS_CLI])
+def test_pipeline_gives_the_images_of_hcvision_sample(objective, scheduler, sampler, cli_sampler):
+    """The pipeline and ``hcvision.sample`` (what the sampling CLI and train_dit run), same seed and sampler, with
+    guidance on an interval: the same uint8 images."""
+    from hcvision.sample import generate, sample_seed
+    from hcvision.sampling_spec import SamplingSpec
+
+    model = _randomize(HCDiTTransformer2DModel(DIGITS.format("dhc2"), TINY, objective=objective)).eval()
+    pipe = HCDiTPipeline(model, scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    n, seed, steps, guidance = 4, 7, 4, dict(guidance_scale=1.5, guidance_interval=(0.0, 0.7))
+    labels = list(range(n))  # hcvision.sample's class-balanced labels for samples 0..n-1
+    gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(n)]
+    images = pipe(labels, num_inference_steps=steps, generator=gens, sampler=sampler, **guidance).images
+    spec = SamplingSpec(sampler=cli_sampler, sampling_steps=steps, **guidance)
+    cli, cli_labels = generate(model.dit, range(n), sample_shape=(1, 8, 8), num_classes=10, null_class=10,
+                               sampling=spec, seed=seed, batch_size=n)
+    assert cli_labels.tolist() == labels
+    piped = np.stack([np.asarray(im) for im in images])[..., None]
+    assert piped.dtype == np.uint8 and piped.shape == cli.shape == (n, 8, 8, 1)
+    assert np.array_equal(piped, cli)
+    # not a constant image (a random DDPM DiT's x_0 runs far outside [-1, 1]: most pixels clip to 0 or 255)
+    assert len(np.unique(cli)) >= (3 if objective == "ddpm" else 20)

@@ -181,8 +181,8 @@ def _cases(f: dict, logs: Path) -> list[tuple[str, list[str], dict, list[str]]]:
          ["--dinov2-weights", "HCV_DINOV2_WEIGHTS"]),
         ("provenance_not_json", ["--gen", f["gen"], "--ref", f["ref"], *dig, "--provenance", f["bad_json"]], {},
          ["prov.json", "JSON"]),
-        ("provenance_bad_steps", ["--gen", f["gen"], "--ref", f["ref"], *dig, "--steps", "0"], {},
-         ["steps=0", "integer >= 1"]),
+        ("provenance_bad_steps", ["--gen", f["gen"], "--ref", f["ref"], *dig, "--sampling-steps", "0"], {},
+         ["--sampling-steps=0", "an integer in [1, 1000]"]),
         ("device_tpu", ["--gen", f["gen"], "--ref", f["ref"], *dig[:-2], "--device", "tpu"], {}, ["'tpu'", "cpu"]),
         ("gen_missing", ["--ref", f["ref"], *inc], {}, ["--gen is required"]),
     ]

@@ -37,6 +37,7 @@ from hcvision.eval import (
     load_inception_state_dict,
     load_npz_samples,
     load_stats,
+    MetricOptions,
     metrics_from_stats,
     save_digits_classifier,
     save_npz_samples,
@@ -209,10 +210,10 @@ def test_stats_file_roundtrip(tmp_path):
     assert (back.feature_extractor, back.weights_sha256, back.num_samples, back.logits) == (
         INCEPTION_EXTRACTOR, "ab" * 32, 6, None)
     # Statistics of one set against themselves: FID 0, precision = recall = 1.
-    m = metrics_from_stats(back, back, isc=False)
+    m = metrics_from_stats(back, back, ["fid", "prc"])
     assert abs(m["fid"]) < 1e-9 and m["precision"] == 1.0 and m["recall"] == 1.0
     with pytest.raises(ValueError, match="per-sample features"):
-        metrics_from_stats(back, FeatureStats(back.mu, back.sigma, INCEPTION_EXTRACTOR, "", 6), isc=False)
+        metrics_from_stats(back, FeatureStats(back.mu, back.sigma, INCEPTION_EXTRACTOR, "", 6), ["fid", "prc"])
 
 
 # ---------------------------------------------------------------------------------------------- weights: safe, offline
@@ -292,7 +293,7 @@ def test_inception_metrics_match_torch_fidelity_and_numpy(inception_weights, ima
     gen = compute_stats(image_sets["gen_dir"], weights_path=w, include_logits=True, device="cpu")
     ref = compute_stats(image_sets["ref_npz"], weights_path=w, device="cpu")
     assert gen.features.shape == ref.features.shape == (N_IMAGES, 2048)  # Inception pool, not VGG16 (4096)
-    res = metrics_from_stats(gen, ref, kid=True)
+    res = metrics_from_stats(gen, ref, ["fid", "isc", "prc", "kid"])
     assert set(res) == {"fid", "is_mean", "is_std", "precision", "recall", "kid_mean", "kid_std"}
 
     # 1) torch-fidelity end to end with the same (safely loaded) network and explicit extractor for all metrics.
@@ -309,7 +310,7 @@ def test_inception_metrics_match_torch_fidelity_and_numpy(inception_weights, ima
     assert fid_ref > 1e-3 * np.trace(ref.sigma), "features too uninformative for a meaningful test"
     assert res["fid"] == pytest.approx(fid_ref, rel=1e-3)
     assert (res["precision"], res["recall"]) == pytest.approx(prc_numpy(gen.features, ref.features, k=3))
-    one_split = metrics_from_stats(gen, ref, fid=False, prc=False, isc_splits=1)
+    one_split = metrics_from_stats(gen, ref, ["isc"], MetricOptions(isc_splits=1))
     assert one_split["is_mean"] == pytest.approx(inception_score_numpy(gen.logits), rel=1e-6)
 
     # 3) gen from an .npz (not the folder) + cached reference statistics give the same numbers.
@@ -317,7 +318,7 @@ def test_inception_metrics_match_torch_fidelity_and_numpy(inception_weights, ima
     cached = generative_metrics(image_sets["gen_npz"], stats_path, weights_path=w, kid=True, device="cpu")
     for key in res:
         assert cached[key] == pytest.approx(res[key], rel=1e-4, abs=1e-7), key
-    self_m = metrics_from_stats(ref, load_stats(stats_path), isc=False)
+    self_m = metrics_from_stats(ref, load_stats(stats_path), ["fid", "prc"])
     assert abs(self_m["fid"]) < 1e-4 * np.trace(ref.sigma)  # eigvals of a singular product: ~1e-6 noise
     assert self_m["precision"] == 1.0 and self_m["recall"] == 1.0
 
@@ -439,14 +440,15 @@ def test_digits_metrics_cls_acc_and_cli(one_thread, digits_classifier, digits_ui
     for i, img in enumerate(gen_imgs):
         Image.fromarray(img).save(ref_dir / f"{i:04d}.png")
     out, stats_path = tmp_path / "results.json", tmp_path / "ref_stats.npz"
-    prov = tmp_path / "sample_config.json"  # what a sampler recorded; --steps overrides its 250
-    prov.write_text(json.dumps({"objective": "ddpm", "sampler": "ddpm", "steps": 250, "guidance_scale": 1.5,
+    prov = tmp_path / "sample_config.json"  # what a sampler recorded; --sampling-steps overrides its 250
+    prov.write_text(json.dumps({"objective": "ddpm", "sampler": "ddpm", "sampling_steps": 250, "guidance_scale": 1.5,
                                 "guidance_channels": 1, "seed": 3}))
     env = {**os.environ, "HCV_DIGITS_CLASSIFIER": str(clf), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "hcvision.eval.generative", "--gen", str(gen_npz), "--ref", str(ref_dir),
          "--write-ref-stats", str(stats_path), "--feature-extractor", DIGITS_EXTRACTOR, "--device", "cpu",
-         "--out", str(out), "--provenance", str(prov), "--steps", "100", "--guidance-interval", "0", "500", "--ema"],
+         "--out", str(out), "--provenance", str(prov), "--sampling-steps", "100", "--guidance-interval", "0", "0.5",
+         "--ema"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     written = json.loads(out.read_text())
@@ -458,10 +460,10 @@ def test_digits_metrics_cls_acc_and_cli(one_thread, digits_classifier, digits_ui
     assert (written["num_samples"], written["num_ref_samples"]) == (300, 300)
     assert written["reference"] == "ref_png" and written["reference_sha256"] == input_sha256(ref_dir)
     assert written["extractors"] == {DIGITS_EXTRACTOR: {"weights_sha256": file_sha256(clf)}}
-    assert {k: written.get(k) for k in ("objective", "sampler", "steps", "guidance_scale", "guidance_interval",
-                                        "guidance_channels", "ema", "seed")} == {
-        "objective": "ddpm", "sampler": "ddpm", "steps": 100, "guidance_scale": 1.5, "guidance_interval": [0.0, 500.0],
-        "guidance_channels": 1, "ema": True, "seed": None}
+    assert {k: written.get(k) for k in ("objective", "sampler", "sampling_steps", "guidance_scale",
+                                        "guidance_interval", "guidance_channels", "ema", "seed")} == {
+        "objective": "ddpm", "sampler": "ddpm", "sampling_steps": 100, "guidance_scale": 1.5,
+        "guidance_interval": [0.0, 0.5], "guidance_channels": 1, "ema": True, "seed": None}
     np.testing.assert_allclose(load_stats(stats_path).features, f_gen, rtol=1e-4, atol=1e-5)
     # The same images against themselves: FID ~ 0, precision = recall = 1.
     assert written["metrics"]["fid"] == pytest.approx(0.0, abs=1e-6)

@@ -128,13 +128,13 @@ def test_sfid_matches_adm_definition_and_scipy(inception_weights, sets, stats): 
         torch.testing.assert_close(spatial, seen[-1].reshape(len(x), -1), rtol=0, atol=0)
         torch.testing.assert_close(pool, plain(x)[0], rtol=0, atol=0)  # FID's features untouched by the hook
         feats[name] = spatial.numpy()
-    m = metrics_from_stats(gen, ref, fid=True, isc=False, prc=False, sfid=True)
+    m = metrics_from_stats(gen, ref, ["fid", "sfid"])
     # Independent distance on the same features (2023 dims > 8 samples: the Gram form of fid_numpy).
     expected = fid_numpy(feats["gen"], feats["ref"])
     assert expected > 1e-3 * np.trace(ref.spatial.sigma), "features too uninformative for a meaningful test"
     assert m["sfid"] == pytest.approx(expected, rel=1e-3)
     assert m["sfid"] != pytest.approx(m["fid"], rel=1e-2)  # another feature set, not FID under another name
-    self_m = metrics_from_stats(gen, gen, fid=False, isc=False, prc=False, sfid=True)
+    self_m = metrics_from_stats(gen, gen, ["sfid"])
     assert abs(self_m["sfid"]) < 1e-4 * np.trace(gen.spatial.sigma)
 
 
@@ -147,11 +147,11 @@ def test_fd_dinov2_matches_dgm_eval_preprocessing_and_scipy(dinov2_weights, sets
     np.testing.assert_allclose(gen.dinov2.mu, f_gen.mean(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(gen.dinov2.sigma, np.cov(f_gen.astype(np.float64), rowvar=False), rtol=1e-3,
                                atol=1e-6)
-    m = metrics_from_stats(gen, ref, fid=False, isc=False, prc=False, fd_dinov2=True)
+    m = metrics_from_stats(gen, ref, ["fd_dinov2"])
     expected = fid_numpy(f_gen, f_ref)  # 384 dims > 8 samples
     assert expected > 1e-3 * np.trace(ref.dinov2.sigma), "features too uninformative for a meaningful test"
     assert m["fd_dinov2"] == pytest.approx(expected, rel=1e-3)
-    assert abs(metrics_from_stats(ref, ref, fid=False, isc=False, prc=False, fd_dinov2=True)["fd_dinov2"]) < \
+    assert abs(metrics_from_stats(ref, ref, ["fd_dinov2"])["fd_dinov2"]) < \
         1e-4 * np.trace(ref.dinov2.sigma)
 
 
@@ -182,8 +182,8 @@ def test_reference_stats_cache_every_feature_set_and_refuse_other_weights(incept
             orig.feature_extractor, orig.weights_sha256, N)
     assert back.spatial.weights_sha256 == file_sha256(inception_weights)
     # Cached reference = raw reference, for every metric.
-    full = metrics_from_stats(gen, ref, sfid=True, fd_dinov2=True, isc=False)
-    res = evaluate_generative(sets[0], path, sfid=True, fd_dinov2=True, isc=False, **kw)
+    full = metrics_from_stats(gen, ref, ["fid", "prc", "sfid", "fd_dinov2"])
+    res = evaluate_generative(sets[0], path, metrics=["fid", "prc", "sfid", "fd_dinov2"], **kw)
     assert res.metrics == pytest.approx(full, rel=1e-5, abs=1e-8)
     assert (res.num_samples, res.num_ref_samples) == (N, N)
     assert res.extractors == {INCEPTION_EXTRACTOR: file_sha256(inception_weights),
@@ -226,18 +226,23 @@ def test_sfid_and_fd_dinov2_options_are_checked(tmp_path, monkeypatch):
 
 
 def test_provenance_fields():
-    out = provenance_fields(num_samples=50000, objective="ddpm", sampler="ddpm", steps=250, guidance_scale=1.5,
-                            guidance_interval=(0, 1000), guidance_channels=3, ema=True, reference="VIRTUAL.npz",
+    sampling = dict(sampler="ddpm", sampling_steps=250, guidance_scale=1.5, guidance_interval=(0, 0.7),
+                    guidance_channels=3, diffusion_norm=1)
+    out = provenance_fields(num_samples=50000, objective="ddpm", sampling=sampling, ema=True, reference="VIRTUAL.npz",
                             reference_sha256="a" * 64, extractors={"hcv-inception-v3-compat": "b" * 64})
-    assert out == {"num_samples": 50000, "objective": "ddpm", "sampler": "ddpm", "steps": 250, "guidance_scale": 1.5,
-                   "guidance_interval": [0.0, 1000.0], "guidance_channels": 3, "ema": True, "reference": "VIRTUAL.npz",
-                   "reference_sha256": "a" * 64,
+    assert out == {"num_samples": 50000, "objective": "ddpm", "sampler": "ddpm", "sampling_steps": 250,
+                   "guidance_scale": 1.5, "guidance_interval": [0.0, 0.7], "guidance_channels": 3,
+                   "diffusion_norm": 1.0, "ema": True, "reference": "VIRTUAL.npz", "reference_sha256": "a" * 64,
                    "extractors": {"hcv-inception-v3-compat": {"weights_sha256": "b" * 64}}}
     assert provenance_fields() == {} and provenance_fields(ema=False) == {"ema": False}
+    assert provenance_fields(sampling={"steps": 100, "cfg_scale": 2}) == {"sampling_steps": 100,
+                                                                          "guidance_scale": 2.0}  # old names
     json.dumps(out)  # goes into results.json as it is
-    for bad, match in ((dict(steps=0), "steps=0"), (dict(num_samples=True), "num_samples=True"),
-                       (dict(guidance_scale=float("nan")), "guidance_scale=nan"),
-                       (dict(guidance_interval=(5, 1)), r"guidance_interval=\(5.0, 1.0\)"),
+    for bad, match in ((dict(sampling={"sampling_steps": 0}), "sampling_steps=0"),
+                       (dict(num_samples=True), "num_samples=True"),
+                       (dict(sampling={"guidance_scale": float("nan")}), "guidance_scale=nan"),
+                       (dict(sampling={"guidance_interval": (0.5, 0.1)}), r"guidance_interval=\[0.5, 0.1\]"),
+                       (dict(sampling={"seed": 1}), "'seed' is not known"),
                        (dict(ema="yes"), "ema='yes'"), (dict(reference_sha256="abc"), "64 hex")):
         with pytest.raises(UsageError, match=match):
             provenance_fields(**bad)

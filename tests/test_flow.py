@@ -300,19 +300,26 @@ def test_guidance_interval_off_equals_no_guidance():
 
 # ----------------------------------------------------------------------------------------------- metadata
 def test_sampling_metadata_round_trip_and_errors():
-    meta = sampling_metadata("flow", time_sampling="logit_normal", sampler="sde", steps=250, cfg_scale=1.8,
-                             guidance_channels=None, guidance_interval=(0.0, 0.7))
+    from hcvision.sampling_spec import SamplingSpec
+
+    spec = SamplingSpec(sampler="sde", sampling_steps=250, guidance_scale=1.8, guidance_interval=(0.0, 0.7),
+                        diffusion_norm=2.0)
+    meta = sampling_metadata("flow", spec, time_sampling="logit_normal")
     assert all(isinstance(v, str) for v in meta.values())
     got = read_sampling_metadata(meta)
-    assert (got["objective"], got["sampler"], got["steps"], got["cfg_scale"], got["guidance_interval"],
-            got["guidance_channels"], got["time_sampling"]) == ("flow", "sde", 250, 1.8, (0.0, 0.7), None,
-                                                                 "logit_normal")
-    assert read_sampling_metadata({})["objective"] == "ddpm"  # files from before the flow objective
-    assert read_sampling_metadata(sampling_metadata("ddpm", guidance_channels=3))["guidance_channels"] == 3
-    with pytest.raises(ValueError, match=r"sampler='ddpm' does not sample objective='flow'"):
-        sampling_metadata("flow", sampler="ddpm")
+    assert (got["objective"], got["time_sampling"]) == ("flow", "logit_normal")
+    assert SamplingSpec(**got["settings"]) == spec  # every setting round-trips, the SDE's diffusion norm included
+    assert read_sampling_metadata({}) == {"objective": "ddpm", "time_sampling": None, "settings": {}}  # old files
+    assert read_sampling_metadata(sampling_metadata("ddpm"))["settings"]["sampler"] == "ddpm"  # '' -> default
+    # files written before the one spec: cfg_scale, guidance_channels '' (automatic)
+    old = {"objective": "flow", "sampler": "heun", "sampling_steps": "3", "cfg_scale": "2.0", "guidance_channels": "",
+           "guidance_interval": "[0.0, 0.7]"}
+    assert read_sampling_metadata(old)["settings"] == {"sampler": "heun", "sampling_steps": 3, "guidance_scale": 2.0,
+                                                       "guidance_channels": 0, "guidance_interval": (0.0, 0.7)}
+    with pytest.raises(ValueError, match=r"sampler='ddpm' does not sample a flow model"):
+        sampling_metadata("flow", SamplingSpec(sampler="ddpm"))
     for key, value in [("objective", "score"), ("sampler", "heun"), ("sampling_steps", "x"), ("cfg_scale", "-1"),
-                       ("guidance_interval", "[0.9, 0.1]"), ("guidance_channels", "three")]:
+                       ("guidance_interval", "[0.9, 0.1]"), ("guidance_channels", "three"), ("diffusion_norm", "-1")]:
         with pytest.raises(UsageError, match=rf"f.safetensors: metadata {key}="):
             read_sampling_metadata({key: value}, "f.safetensors")
 
@@ -333,6 +340,7 @@ def test_sit_and_repa_configs_follow_the_papers_and_build_on_meta():
 
     import hcvision.models.dit  # noqa: F401
     from hcvision.diffusion.repa import RepaProjector
+    from hcvision.sampling_spec import SamplingSpec
 
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo))
@@ -346,15 +354,17 @@ def test_sit_and_repa_configs_follow_the_papers_and_build_on_meta():
         assert (cfg["global_batch_size"], cfg["lr"], cfg["weight_decay"], cfg["ema_decay"], cfg["opt"]) == \
             (256, 1e-4, 0.0, 0.9999, "adamw"), name
         assert cfg["objective"] == "flow" and cfg["time_sampling"] == "uniform" and cfg["class_dropout_prob"] == 0.1
-        assert cfg["eval_scheduler"] == "sde" and cfg["eval_steps"] == 250
+        assert cfg["sampler"] == "sde" and cfg["sampling_steps"] == 250
         assert cfg["model_kwargs"] == {"qk_norm": False, "learn_sigma": False}
         make_objective(cfg["objective"], time_sampling=cfg["time_sampling"])
-        sampling_metadata(cfg["objective"], sampler=cfg["eval_scheduler"], guidance_interval=cfg["guidance_interval"])
+        sampling_metadata(cfg["objective"], SamplingSpec(sampler=cfg["sampler"],
+                                                         guidance_interval=cfg["guidance_interval"]))
     assert cfgs["sit_xl_2_res"]["max_steps"] == 7_000_000 and cfgs["sit_b_2_res"]["max_steps"] == 400_000
-    assert cfgs["sit_xl_2_res"]["cfg_scale"] == 1.5 and cfgs["sit_xl_2_res"]["clip_grad"] == 0.0
+    assert cfgs["sit_xl_2_res"]["guidance_scale"] == 1.5 and cfgs["sit_xl_2_res"]["clip_grad"] == 0.0
     repa = cfgs["sit_xl_2_shc2_repa"]
-    assert (repa["repa_weight"], repa["repa_block"], repa["cfg_scale"], repa["guidance_interval"], repa["max_steps"],
-            repa["clip_grad"], repa["mixed_precision"]) == (0.5, 8, 1.8, [0.0, 0.7], 4_000_000, 1.0, "fp16")
+    assert (repa["repa_weight"], repa["repa_block"], repa["guidance_scale"], repa["guidance_interval"],
+            repa["diffusion_norm"], repa["max_steps"], repa["clip_grad"], repa["mixed_precision"]) == \
+        (0.5, 8, 1.8, [0.0, 0.7], 2.0, 4_000_000, 1.0, "fp16")
 
     with torch.device("meta"):
         counts = {n: sum(p.numel() for p in timm.create_model(c["model"], **c["model_kwargs"]).parameters())

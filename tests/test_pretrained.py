@@ -1,6 +1,6 @@
 """Pretrained loading that adapts like timm: another ``num_classes`` (fresh head) or ``in_chans`` (timm's first-conv
 adaptation) from a vanilla or hcvision checkpoint, for every connection kind; wrong checkpoints still name their
-tensors; timm ``train.py`` checkpoints load safely through timm's path and through ``hcvision.io``."""
+tensors; timm ``train.py`` checkpoints load safely through timm's path and through ``hcvision.io`` and ``hcvision.models.loading``."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 import hcvision  # noqa: F401  (registers the models)
 from hcvision.cli import UsageError
-from hcvision.io import load_model, load_weights
+from hcvision.io import load_weights
+from hcvision.models.loading import load_model
 
 SUFFIXES = ["res", "shc2", "shc4", "dhc2", "dhc4", "sfc2", "sfc4", "dfc2", "dfc4", "mhc2", "mhc4"]
 DEPTH = 2  # a 2-block vit_tiny keeps every test cheap; the full-depth call is tested once below
@@ -160,7 +161,7 @@ def test_timm_train_py_checkpoint_loads_safely(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), want_ema, rtol=0, atol=0)
 
-    # hcvision.io: load_weights picks EMA or raw; load_model rebuilds the named model from either
+    # hcvision.io.load_weights picks EMA or raw; load_model rebuilds the named model from either
     sd_ema, meta = load_weights(path, prefer_ema=True)
     sd_raw, _ = load_weights(path, prefer_ema=False)
     assert meta == {} and torch.equal(sd_ema["head.weight"], ema.head.weight)
@@ -185,7 +186,7 @@ def test_checkpoint_with_foreign_objects_is_refused_unopened(tmp_path):
 
 
 def test_load_model_requires_an_exact_fit(tmp_path, vanilla_tiny):
-    """hcvision.io.load_model rebuilds a model as recorded: no head reset, a head of another size is named."""
+    """hcvision.models.loading.load_model rebuilds a model as recorded: no head reset, a head of another size is named."""
     _, path = vanilla_tiny
     model, _ = load_model(path, model_name="vit_tiny_patch16_224_sfc2", model_kwargs=dict(depth=DEPTH))
     assert model.head.weight.shape == (1000, 192)

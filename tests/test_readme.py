@@ -41,3 +41,14 @@ def test_readme_kinds_table_is_current():
     from hcvision.models.zoo import kinds_markdown
 
     assert _section(README.read_text(), "kinds") == kinds_markdown()
+
+
+def test_readme_diffusers_snippet_runs_as_printed():
+    """The README's diffusers example, executed as it stands (a random digits DiT: sampling, not quality)."""
+    text = README.read_text()
+    section = text.split("**diffusers.**", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md (diffusers)", "exec"), namespace)  # noqa: S102
+    images = namespace["images"]
+    assert len(images) == 3 and images[0].size == (8, 8)

@@ -19,6 +19,7 @@ import hcvision.models.dit  # noqa: F401  (registers the DiT names)
 from hcvision.cli import run_cli
 from hcvision.diffusion import sample as diffusion_sample
 from hcvision.diffusion import sampling_metadata
+from hcvision.sampling_spec import SamplingSpec
 from hcvision.sample import class_labels, generate, main, make_grid, sample_seed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,8 +70,8 @@ def test_per_row_generators_equal_one_generator_per_call(scheduler, cfg):
 
 def test_sample_depends_only_on_its_index_not_on_the_batch():
     model = tiny_dit()
-    common = dict(sample_shape=(1, 8, 8), num_classes=10, null_class=10, scheduler="ddpm", steps=6, cfg_scale=1.5,
-                  seed=5)
+    common = dict(sample_shape=(1, 8, 8), num_classes=10, null_class=10, seed=5,
+                  sampling=SamplingSpec(sampler="ddpm", sampling_steps=6, guidance_scale=1.5))
     full, labels = generate(model, list(range(7)), batch_size=4, **common)
     assert full.shape == (7, 8, 8, 1) and full.dtype == np.uint8
     assert labels.tolist() == [0, 1, 2, 3, 4, 5, 6]
@@ -104,7 +105,7 @@ def _read_npz(path: Path):
 
 
 def test_cli_writes_balanced_npz_pngs_grid_and_uses_ema_by_default(tmp_path, run_dir, capsys):
-    args = ["--model", NAME, "--checkpoint", str(run_dir), "--num-samples", "12", "--steps", "5",
+    args = ["--model", NAME, "--checkpoint", str(run_dir), "--num-samples", "12", "--sampling-steps", "5",
             "--batch-size", "5", "--no-progress"]
     assert run_cli(main, args + ["--out", str(tmp_path / "ema")]) == 0
     images, labels = _read_npz(tmp_path / "ema" / "samples.npz")
@@ -115,7 +116,7 @@ def test_cli_writes_balanced_npz_pngs_grid_and_uses_ema_by_default(tmp_path, run
     np.testing.assert_array_equal(np.asarray(Image.open(pngs[3]))[..., None], images[3])
     assert (tmp_path / "ema" / "grid.png").is_file()
     cfg = json.loads((tmp_path / "ema" / "sample_config.json").read_text())
-    assert cfg["weights"].endswith("model_ema.safetensors") and cfg["cfg_scale"] == 1.5
+    assert cfg["weights"].endswith("model_ema.safetensors") and cfg["guidance_scale"] == 1.5
     assert run_cli(main, args + ["--out", str(tmp_path / "raw"), "--raw"]) == 0
     raw, _ = _read_npz(tmp_path / "raw" / "samples.npz")
     assert not np.array_equal(raw, images)  # different weights, same seeds
@@ -133,8 +134,8 @@ def test_latent_model_decodes_through_a_local_vae(tmp_path):
     vae.save_pretrained(str(tmp_path / "vae"))
     run = save_run(tmp_path / "latent_run", "dit_s_2_res", input_size=4, num_classes=3)
     out = tmp_path / "out"
-    rc = run_cli(main, ["--model", "dit_s_2_res", "--checkpoint", str(run), "--num-samples", "4", "--steps", "3",
-               "--out", str(out), "--vae", str(tmp_path / "vae"), "--no-progress"])
+    rc = run_cli(main, ["--model", "dit_s_2_res", "--checkpoint", str(run), "--num-samples", "4",
+                        "--sampling-steps", "3", "--out", str(out), "--vae", str(tmp_path / "vae"), "--no-progress"])
     assert rc == 0
     images, labels = _read_npz(out / "samples.npz")
     assert images.shape == (4, 8, 8, 3) and labels.tolist() == [0, 1, 2, 0]
@@ -142,7 +143,7 @@ def test_latent_model_decodes_through_a_local_vae(tmp_path):
 
 
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, run_dir, capsys):
-    base = ["--num-samples", "2", "--steps", "2", "--no-progress"]
+    base = ["--num-samples", "2", "--sampling-steps", "2", "--no-progress"]
 
     def err(args, out=None):
         out = out or tmp_path / "never"
@@ -179,7 +180,9 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, run_dir, ca
     assert "label dropout" in err(["--checkpoint", str(no_null)])
     assert "--classes='3,10'" in err(ok + ["--classes", "3,10"])
     assert "--classes='a'" in err(ok + ["--classes", "a"])
-    assert "--scheduler='euler'" in err(ok + ["--scheduler", "euler"])  # a flow sampler for a DDPM model
+    assert "--sampler='euler' does not sample a ddpm model" in err(ok + ["--sampler", "euler"])  # a flow sampler
+    assert "--guidance-scale=nan" in err(ok + ["--guidance-scale", "nan"])
+    assert "--diffusion-norm=-1.0" in err(ok + ["--diffusion-norm", "-1"])
     assert "--guidance-interval" in err(ok + ["--guidance-interval", "0.8", "0.2"])
     assert "--guidance-channels=2" in err(ok + ["--guidance-channels", "2"])
     bad_meta = save_run(tmp_path / "bad_meta", extra_meta={"objective": "score"})
@@ -202,7 +205,7 @@ def test_run_without_ema_falls_back_to_trained_weights(tmp_path, run_dir):
     only_raw = tmp_path / "only_raw"
     only_raw.mkdir()
     (only_raw / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes())
-    args = ["--checkpoint", str(only_raw), "--num-samples", "2", "--steps", "2", "--no-progress"]
+    args = ["--checkpoint", str(only_raw), "--num-samples", "2", "--sampling-steps", "2", "--no-progress"]
     assert run_cli(main, args + ["--out", str(tmp_path / "o")]) == 0
     cfg = json.loads((tmp_path / "o" / "sample_config.json").read_text())
     assert cfg["weights"].endswith("model.safetensors") and cfg["model"] == NAME  # name read from the metadata
@@ -211,30 +214,36 @@ def test_run_without_ema_falls_back_to_trained_weights(tmp_path, run_dir):
 def test_flow_model_samples_with_its_recorded_sampler_and_guidance(tmp_path):
     """A file that records objective=flow is sampled with its recorded sampler, steps, scale and interval; the
     command line overrides them; the result is the one loop's output for those settings."""
-    meta = sampling_metadata("flow", sampler="heun", steps=3, cfg_scale=2.0, guidance_interval=(0.0, 0.7))
+    recorded = SamplingSpec(sampler="heun", sampling_steps=3, guidance_scale=2.0, guidance_interval=(0.0, 0.7))
+    meta = sampling_metadata("flow", recorded)
     run = save_run(tmp_path / "flow_run", extra_meta=meta)
     args = ["--checkpoint", str(run), "--num-samples", "3", "--batch-size", "3", "--no-progress", "--seed", "4"]
     assert run_cli(main, args + ["--out", str(tmp_path / "rec")]) == 0
     cfg = json.loads((tmp_path / "rec" / "sample_config.json").read_text())
-    assert (cfg["objective"], cfg["scheduler"], cfg["steps"], cfg["cfg_scale"], cfg["guidance_interval"]) == \
-        ("flow", "heun", 3, 2.0, [0.0, 0.7])
+    assert (cfg["objective"], cfg["sampler"], cfg["sampling_steps"], cfg["guidance_scale"],
+            cfg["guidance_interval"]) == ("flow", "heun", 3, 2.0, [0.0, 0.7])
     images, labels = _read_npz(tmp_path / "rec" / "samples.npz")
     model = tiny_dit(NAME, 1)  # the EMA weights
-    ref, _ = generate(model, [0, 1, 2], sample_shape=(1, 8, 8), num_classes=10, null_class=10, scheduler="heun",
-                      steps=3, cfg_scale=2.0, guidance_interval=(0.0, 0.7), seed=4, batch_size=3)
+    ref, _ = generate(model, [0, 1, 2], sample_shape=(1, 8, 8), num_classes=10, null_class=10, sampling=recorded,
+                      seed=4, batch_size=3)
     np.testing.assert_array_equal(images, ref)
-    assert run_cli(main, args + ["--out", str(tmp_path / "sde"), "--scheduler", "sde", "--steps", "4",
+    assert run_cli(main, args + ["--out", str(tmp_path / "sde"), "--sampler", "sde", "--sampling-steps", "4",
+                                 "--diffusion-norm", "2",
                                  "--classes", "4,9"]) == 0
     cfg = json.loads((tmp_path / "sde" / "sample_config.json").read_text())
-    assert (cfg["scheduler"], cfg["steps"], cfg["classes"]) == ("sde", 4, [4, 9])
+    assert (cfg["sampler"], cfg["sampling_steps"], cfg["diffusion_norm"], cfg["classes"]) == ("sde", 4, 2.0, [4, 9])
+    sde, _ = generate(model, [0, 1, 2], sample_shape=(1, 8, 8), num_classes=10, null_class=10, classes=[4, 9],
+                      sampling=SamplingSpec(sampler="sde", sampling_steps=4, guidance_scale=2.0,
+                                            guidance_interval=(0.0, 0.7), diffusion_norm=2.0), seed=4, batch_size=3)
+    np.testing.assert_array_equal(_read_npz(tmp_path / "sde" / "samples.npz")[0], sde)  # the norm reached the SDE
     assert _read_npz(tmp_path / "sde" / "samples.npz")[1].tolist() == [4, 9, 4]
-    assert run_cli(main, args + ["--out", str(tmp_path / "x"), "--scheduler", "ddpm"]) == 2  # not a flow sampler
+    assert run_cli(main, args + ["--out", str(tmp_path / "x"), "--sampler", "ddpm"]) == 2  # not a flow sampler
 
 
 @pytest.mark.slow
 def test_one_and_two_processes_write_identical_files(tmp_path, run_dir):
-    args = ["--model", NAME, "--checkpoint", str(run_dir), "--num-samples", "11", "--steps", "4", "--batch-size",
-            "3", "--cfg-scale", "2.0", "--scheduler", "ddpm", "--seed", "9", "--no-progress"]
+    args = ["--model", NAME, "--checkpoint", str(run_dir), "--num-samples", "11", "--sampling-steps", "4",
+            "--batch-size", "3", "--guidance-scale", "2.0", "--sampler", "ddpm", "--seed", "9", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     one = subprocess.run([sys.executable, "-m", "hcvision.sample", *args, "--out", str(tmp_path / "one")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -252,3 +261,31 @@ def test_one_and_two_processes_write_identical_files(tmp_path, run_dir):
     for n in names:
         assert (tmp_path / "one" / "images" / n).read_bytes() == (tmp_path / "two" / "images" / n).read_bytes()
     assert len({a[0][i].tobytes() for i in range(11)}) == 11  # distinct samples
+
+
+def test_old_option_names_still_work_and_say_they_are_deprecated(tmp_path, run_dir, capsys):
+    """--scheduler, --steps and --cfg-scale (the names before the one sampling spec) mean --sampler,
+    --sampling-steps and --guidance-scale, with a warning naming the new option."""
+    common = ["--checkpoint", str(run_dir), "--num-samples", "3", "--batch-size", "3", "--no-progress"]
+    assert run_cli(main, common + ["--out", str(tmp_path / "new"), "--sampler", "ddim", "--sampling-steps", "3",
+                                   "--guidance-scale", "2.0"]) == 0
+    capsys.readouterr()
+    assert run_cli(main, common + ["--out", str(tmp_path / "old"), "--scheduler", "ddim", "--steps", "3",
+                                   "--cfg-scale", "2.0"]) == 0
+    err = capsys.readouterr().err
+    renames = (("--scheduler", "--sampler"), ("--steps", "--sampling-steps"), ("--cfg-scale", "--guidance-scale"))
+    for old, new in renames:
+        assert f"warning: {old} is deprecated; use {new}" in err
+    np.testing.assert_array_equal(_read_npz(tmp_path / "old" / "samples.npz")[0],
+                                  _read_npz(tmp_path / "new" / "samples.npz")[0])
+
+
+def test_grid_is_sized_to_the_samples():
+    """Fewer samples than a full grid: as many columns as the fullest class, rows only for classes with samples."""
+    labels = class_labels(range(20), 10).numpy()  # 2 per class
+    images = np.full((20, 8, 8, 1), 7, dtype=np.uint8)
+    grid = make_grid(images, labels, 10, per_row=10, min_cell=16)
+    assert grid.shape == (10 * 18 + 2, 2 * 18 + 2, 1)
+    assert (grid[2:18, 2:18] == 7).all() and (grid[2:18, 20:36] == 7).all()
+    few = make_grid(images[:4], class_labels(range(4), 1000).numpy(), 1000, min_cell=16)  # 4 of 1000 classes
+    assert few.shape == (4 * 18 + 2, 1 * 18 + 2, 1)

@@ -130,28 +130,28 @@ def test_flow_run_records_its_sampler_and_the_sampling_cli_follows_it(tmp_path, 
     out = tmp_path / "run"
     rc = train_dit.main(TINY + [f"output_dir={out}", "objective=flow", "time_sampling=logit_normal", "max_steps=3",
                                 "ema=false", "lr=0.02", "warmup_steps=0",  # weights that moved off adaLN-Zero's 0
-                                "eval_samples=16", "eval_scheduler=heun", "eval_steps=3", "eval_batch_size=8",
-                                "cfg_scale=2.0", "guidance_interval=[0.0,0.7]",
+                                "eval_samples=16", "sampler=heun", "sampling_steps=3", "eval_batch_size=8",
+                                "guidance_scale=2.0", "guidance_interval=[0.0,0.7]",
                                 f"digits_classifier={_classifier(tmp_path)}"])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
-    assert (res["objective"], res["eval_scheduler"], res["eval_steps"], res["eval_nfe"]) == ("flow", "heun", 3, 5)
+    assert (res["objective"], res["sampler"], res["sampling_steps"], res["eval_nfe"]) == ("flow", "heun", 3, 5)
     assert np.isfinite(res["fid"]) and 0 <= res["cls_acc"] <= 1
     meta = _meta(out / "model.safetensors")  # the weights the CLI falls back to without EMA
     assert (meta["objective"], meta["time_sampling"], meta["sampler"], meta["sampling_steps"]) == \
         ("flow", "logit_normal", "heun", "3")
-    assert float(meta["cfg_scale"]) == 2.0 and json.loads(meta["guidance_interval"]) == [0.0, 0.7]
+    assert float(meta["guidance_scale"]) == 2.0 and json.loads(meta["guidance_interval"]) == [0.0, 0.7]
     # The CLI reads the path from the weights alone: same seed and batch size -> the training-time samples exactly.
     assert run_cli(sample_main, ["--checkpoint", str(out), "--num-samples", "16", "--batch-size", "8",
                                  "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
     cfg = json.loads((tmp_path / "cli" / "sample_config.json").read_text())
-    assert (cfg["objective"], cfg["scheduler"], cfg["steps"], cfg["guidance_interval"]) == \
+    assert (cfg["objective"], cfg["sampler"], cfg["sampling_steps"], cfg["guidance_interval"]) == \
         ("flow", "heun", 3, [0.0, 0.7])
     with np.load(out / "samples" / "samples.npz") as a, np.load(tmp_path / "cli" / "samples.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     # ... and a DDPM sampler on the same weights gives other images: the comparison above can fail.
     assert run_cli(sample_main, ["--checkpoint", str(out), "--num-samples", "16", "--batch-size", "8",
-                                 "--out", str(tmp_path / "euler"), "--no-progress", "--scheduler", "euler"]) == 0
+                                 "--out", str(tmp_path / "euler"), "--no-progress", "--sampler", "euler"]) == 0
     with np.load(out / "samples" / "samples.npz") as a, np.load(tmp_path / "euler" / "samples.npz") as b:
         assert not np.array_equal(a["arr_0"], b["arr_0"])
 
@@ -204,8 +204,8 @@ def test_bad_objective_sampler_and_repa_inputs_exit_2_and_write_nothing(tmp_path
         assert msg.count("\n") == 0, msg
         return msg
 
-    assert "'euler', 'heun', 'sde'" in err(["objective=flow", "eval_scheduler=ddpm"])
-    assert "'ddpm', 'ddim', 'dpmsolver++'" in err(["eval_scheduler=sde"])
+    assert "does not sample a flow model; accepted: euler, heun, sde" in err(["objective=flow", "sampler=ddpm"])
+    assert "does not sample a ddpm model; accepted: ddpm, ddim, dpmsolver++" in err(["sampler=sde"])
     assert "objective='sit'" in err(["objective=sit"])
     assert "'uniform' for objective=ddpm" in err(["time_sampling=logit_normal"])
     assert "guidance_interval=[0.8, 0.2]" in err(["guidance_interval=[0.8,0.2]"])
@@ -224,8 +224,19 @@ def test_sit_and_repa_configs_parse_with_the_trainer():
             for p in sorted((REPO / "configs" / "dit" / "flow").glob("*.yaml"))}
     assert len(cfgs) == 5
     for name, cfg in cfgs.items():
-        assert (cfg.objective, cfg.sampler, cfg.eval_steps) == ("flow", "sde", 250), name
+        assert (cfg.objective, cfg.sampler, cfg.sampling_steps) == ("flow", "sde", 250), name
     repa = cfgs["sit_xl_2_shc2_repa"]
-    assert (repa.repa_weight, repa.repa_block, repa.guidance_interval, repa.cfg_scale) == (0.5, 8, (0.0, 0.7), 1.8)
-    assert parse_config(train_dit.DitConfig, ["objective=flow"]).sampler == "sde"
-    assert parse_config(train_dit.DitConfig, []).sampler == "ddpm"
+    assert (repa.repa_weight, repa.repa_block, repa.guidance_interval, repa.guidance_scale, repa.diffusion_norm) == \
+        (0.5, 8, (0.0, 0.7), 1.8, 2.0)
+    assert parse_config(train_dit.DitConfig, ["objective=flow"]).sampling().sampler == "sde"
+    assert parse_config(train_dit.DitConfig, []).sampling().sampler == "ddpm"
+
+
+def test_old_config_keys_are_accepted_with_a_deprecation_warning(capsys):
+    """eval_scheduler, eval_steps and cfg_scale (train_dit's names before the one sampling spec) still configure the
+    run, and say which key replaces them."""
+    cfg = parse_config(train_dit.DitConfig, ["objective=flow", "eval_scheduler=heun", "eval_steps=7", "cfg_scale=2.5"])
+    assert (cfg.sampler, cfg.sampling_steps, cfg.guidance_scale) == ("heun", 7, 2.5)
+    err = capsys.readouterr().err
+    for old, new in (("eval_scheduler", "sampler"), ("eval_steps", "sampling_steps"), ("cfg_scale", "guidance_scale")):
+        assert f"config key {old!r} is deprecated; use {new!r}" in err

@@ -17,7 +17,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..cli import UsageError, run_cli
-from ..io import check_model_name, load_model, write_json
+from ..io import write_json
+from ..models.loading import check_model_name, load_model
 
 __all__ = ["main", "analyse", "load_images", "build_model"]
 

@@ -26,12 +26,13 @@ loops) live in :mod:`hcvision.connections.kernels`; a connection picks one there
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from . import kernels, kinds
+from .context import WidthContext
 
 __all__ = [
     "KINDS",
@@ -100,13 +101,6 @@ def expand_streams(x: torch.Tensor, kind: str, rate: int = 1) -> torch.Tensor:
 def reduce_streams(H: torch.Tensor, kind: str) -> torch.Tensor:
     """``(..., n, c) -> (..., C)``: sum of the copies, concatenation of the fractions, or the one stream."""
     return kinds.kind_record(kind).reduce(H)
-
-
-class WidthContext(NamedTuple):
-    """What the depth step needs from the width step: the mixed residual streams and the output weights B."""
-
-    residual: torch.Tensor  # (..., n, c)
-    beta: torch.Tensor  # (n,) static or (..., n) per token
 
 
 class Connection(nn.Module):

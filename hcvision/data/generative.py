@@ -7,17 +7,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ..cli import UsageError
-from .digits import DigitsDataset
+from .digits import digits_pixels
 
-__all__ = ["digits_pixels", "diffusion_dataset", "check_model_fits", "check_decoder", "sample_decoder"]
-
-
-def digits_pixels(split: str) -> Dataset:
-    """The digits split as ``(x in [-1, 1] of shape (1, 8, 8), label)``: the DiT digits cfg's mean = std = 0.5.
-
-    No shift augmentation: the model is scored against the unshifted held-out digits.
-    """
-    return DigitsDataset(split, mean=(0.5,), std=(0.5,), augment=False)
+__all__ = ["diffusion_dataset", "check_model_fits", "check_decoder", "sample_decoder"]
 
 
 def diffusion_dataset(data_dir: str, seed: int = 0, hflip: bool = True
@@ -26,7 +18,7 @@ def diffusion_dataset(data_dir: str, seed: int = 0, hflip: bool = True
     if not data_dir:
         ds = digits_pixels("train")
         return ds, (1, 8, 8), list(ds.classes), {"mode": "pixels", "data": "digits"}
-    from .latents import LatentDataset, read_manifest
+    from .latent_dataset import LatentDataset, read_manifest
 
     try:
         manifest = read_manifest(data_dir)
@@ -41,7 +33,7 @@ def diffusion_dataset(data_dir: str, seed: int = 0, hflip: bool = True
 def check_model_fits(model: str, model_kwargs: Dict[str, Any], sample_shape: Tuple[int, ...],
                      num_classes: int) -> torch.nn.Module:
     """The data's sample shape and class count must be what ``model`` takes; returns it built on the meta device."""
-    from ..io import create_model
+    from ..models.loading import create_model
 
     declared = model_kwargs.get("num_classes")
     if declared is not None and int(declared) != num_classes:
@@ -62,7 +54,7 @@ def check_decoder(info: Dict[str, Any], vae: str) -> None:
     """Load the VAE that :func:`sample_decoder` will need after training, so a missing one fails before training."""
     if info["mode"] == "pixels":
         return
-    from .latents import load_vae
+    from .vae import load_vae
 
     try:
         load_vae(vae or info["vae"])
@@ -75,8 +67,6 @@ def sample_decoder(info: Dict[str, Any], vae: str, device: torch.device
     """Latents -> images through the run's VAE (``vae`` overrides the recorded one); ``None`` in pixel space."""
     if info["mode"] == "pixels":
         return None
-    from .latents import load_vae
+    from .vae import load_vae, vae_decoder
 
-    model = load_vae(vae or info["vae"], device)
-    scale = float(info["scale_factor"])
-    return lambda z: model.decode(z.to(model.dtype) / scale).sample
+    return vae_decoder(load_vae(vae or info["vae"], device), float(info["scale_factor"]))

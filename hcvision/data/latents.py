@@ -29,16 +29,15 @@ renamed. After a barrier, rank 0 checks that the shards cover every index exactl
 and writes the manifest. A rerun with the same settings skips finished shards (resume after a crash or
 preemption, with any number of processes).
 
-Training reads a directory through :class:`LatentDataset`.
+Training reads a directory through :class:`~hcvision.data.latent_dataset.LatentDataset` (its own module: a
+training run needs none of the extraction).
 """
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import os
 import sys
-
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -49,6 +48,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..cli import UsageError, run_cli
 from ..io import save_safetensors, write_json
+from .latent_dataset import FORMAT_VERSION, MANIFEST, SHARD_DIR, LatentDataset, is_latent_dir, read_manifest
+from .vae import DEFAULT_SCALE_FACTOR, DEFAULT_VAE, VaeUnavailableError, encode_moments, load_vae
 
 __all__ = [
     "DEFAULT_VAE",
@@ -64,17 +65,8 @@ __all__ = [
     "read_manifest",
 ]
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-DEFAULT_SCALE_FACTOR = 0.18215  # SD VAE latents scaled to ~unit variance (DiT, LDM)
-MANIFEST = "manifest.json"
-SHARD_DIR = "shards"
-FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PathLike = Union[str, os.PathLike]
-
-
-class VaeUnavailableError(UsageError):
-    """The VAE could not be loaded (missing local path, or a hub id while offline)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,59 +83,6 @@ def process_state() -> Any:
     acc = getattr(torch, "accelerator", None)  # torch >= 2.6; its current_accelerator() names a build, not a device
     has_accelerator = acc.is_available() if acc is not None else torch.cuda.is_available()
     return PartialState(cpu=not has_accelerator)
-
-
-# ------------------------------------------------------------------------------------------------
-# VAE
-# ------------------------------------------------------------------------------------------------
-def _looks_like_path(spec: str) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything else (absolute, ./, ~, deeper) is meant as a path."""
-    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
-
-
-def _how_to_supply(spec: str) -> str:
-    return (f"On a machine with internet run `huggingface-cli download {spec if not _looks_like_path(spec) else DEFAULT_VAE} "
-            f"--local-dir DIR` (or `AutoencoderKL.from_pretrained(...).save_pretrained(DIR)`), copy DIR here and pass "
-            f"its path as the VAE (vae=DIR / --vae DIR); `none` trains in pixel space without a VAE")
-
-
-def load_vae(spec: str = DEFAULT_VAE, device: Union[str, torch.device] = "cpu") -> Any:
-    """A diffusers ``AutoencoderKL`` in eval mode from a local directory or a hub id.
-
-    A hub id is first looked up in the local Hugging Face cache; only then (and unless ``HF_HUB_OFFLINE=1``)
-    is the hub contacted. Every failure raises :class:`VaeUnavailableError` saying how to supply a local copy.
-    """
-    from diffusers import AutoencoderKL
-
-    if not isinstance(spec, str) or not spec or spec.lower() == "none":
-        raise UsageError(f"vae={spec!r} does not name a VAE; expected a local directory or a hub id such as "
-                         f"{DEFAULT_VAE!r}")
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise VaeUnavailableError(f"vae={spec!r} is a local path but holds no config.json; expected a diffusers "
-                                      f"AutoencoderKL directory (save_pretrained layout). {_how_to_supply(spec)}")
-        try:
-            vae = AutoencoderKL.from_pretrained(str(path))
-        except Exception as e:  # wrong model type, corrupt weights, ...
-            raise VaeUnavailableError(f"vae={spec!r} could not be loaded as a diffusers AutoencoderKL: "
-                                      f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-        return vae.to(device).eval().requires_grad_(False)
-    if _looks_like_path(spec):
-        raise VaeUnavailableError(f"vae={spec!r} does not exist. {_how_to_supply(spec)}")
-    try:
-        vae = AutoencoderKL.from_pretrained(spec, local_files_only=True)
-    except Exception:
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-            raise VaeUnavailableError(f"vae={spec!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
-                                      f"{_how_to_supply(spec)}") from None
-        try:
-            vae = AutoencoderKL.from_pretrained(spec)
-        except Exception as e:
-            raise VaeUnavailableError(f"vae={spec!r} could not be downloaded from the Hugging Face hub "
-                                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); offline? "
-                                      f"{_how_to_supply(spec)}") from None
-    return vae.to(device).eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,13 +230,6 @@ def _save_shard(tensors: Dict[str, torch.Tensor], path: Path, fingerprint: Dict[
 
 
 @torch.no_grad()
-def encode_moments(vae: Any, images: torch.Tensor) -> torch.Tensor:
-    """Posterior moments ``(B, 2C, h, w)`` (mean, clamped logvar) of uint8 images ``(B, 3, S, S)``."""
-    x = images.to(device=vae.device, dtype=vae.dtype) / 127.5 - 1.0
-    dist = vae.encode(x).latent_dist
-    return torch.cat([dist.mean, dist.logvar], dim=1).float().cpu()
-
-
 def extract_latents(
     data_dir: PathLike,
     out_dir: PathLike,
@@ -411,96 +343,6 @@ def _finalize(out_dir: Path, bounds: List[Tuple[int, int]], fingerprint: Dict[st
                 "shards": [{"file": f"{SHARD_DIR}/{_shard_name(a, b)}", "start": a, "stop": b} for a, b in bounds]}
     write_json(out_dir / MANIFEST, manifest)
     return manifest
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading
-# ------------------------------------------------------------------------------------------------
-def is_latent_dir(path: PathLike) -> bool:
-    return (Path(path) / MANIFEST).is_file()
-
-
-def read_manifest(path: PathLike) -> Dict[str, Any]:
-    """The manifest of a complete extraction; a clear error otherwise."""
-    path = Path(path)
-    if not (path / MANIFEST).is_file():
-        hint = " (extraction not finished: rerun it to complete)" if (path / SHARD_DIR).is_dir() else ""
-        raise UsageError(f"{str(path)!r} is not a latent directory: no {MANIFEST}{hint}. Create one with "
-                         "`python -m hcvision.data.latents --data-dir IMAGES --out DIR`")
-    manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT_VERSION:
-        raise UsageError(f"{str(path)!r} has latent format {manifest.get('format')!r}; this version reads "
-                         f"{FORMAT_VERSION}")
-    return manifest
-
-
-class LatentDataset(Dataset):
-    """Samples ``(x, label)`` from an extracted directory, with fresh randomness each epoch.
-
-    VAE mode: ``x = scale * (mean + exp(logvar / 2) * eps)`` of a view drawn uniformly (original / flipped when
-    stored). Pixel mode: ``x`` = the image in [-1, 1], flipped with probability 1/2 if ``hflip``. The random draws
-    of sample ``i`` in epoch ``e`` come from a generator seeded by ``(seed, e, i)``: independent of workers,
-    ranks and where a resumed run restarts (exact resume). Shards are memory-mapped, opened lazily per process.
-    """
-
-    def __init__(self, root: PathLike, seed: int = 0, hflip: bool = True, sample_posterior: bool = True) -> None:
-        from safetensors import safe_open
-
-        self.root = Path(root)
-        self.manifest = read_manifest(self.root)
-        self.pixel_mode = self.manifest["mode"] == "pixels"
-        self.scale = float(self.manifest["scale_factor"])
-        self.views = int(self.manifest["views"])
-        self.classes: List[str] = list(self.manifest["classes"])
-        self.sample_shape = tuple(self.manifest["sample_shape"])
-        self.hflip, self.sample_posterior = bool(hflip), bool(sample_posterior)
-        self.seed, self.epoch = int(seed), 0
-        self.shards = self.manifest["shards"]
-        self.starts = [s["start"] for s in self.shards]
-        labels = []
-        for s in self.shards:
-            with safe_open(str(self.root / s["file"]), framework="pt") as f:
-                labels.append(f.get_tensor("label"))
-        self.targets = torch.cat(labels)
-        self._handles: Dict[int, Any] = {}
-
-    def __getstate__(self) -> Dict[str, Any]:  # open file handles do not cross into worker processes
-        d = dict(self.__dict__)
-        d["_handles"] = {}
-        return d
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return int(self.manifest["num_samples"])
-
-    def _row(self, index: int, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        k = bisect.bisect_right(self.starts, index) - 1
-        if k not in self._handles:
-            self._handles[k] = safe_open(str(self.root / self.shards[k]["file"]), framework="pt")
-        row = index - self.shards[k]["start"]
-        return self._handles[k].get_slice(key)[row: row + 1][0]
-
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
-        g = torch.Generator().manual_seed(
-            int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
-        flip = bool(torch.rand((), generator=g) < 0.5) if self.hflip else False
-        label = int(self.targets[index])
-        if self.pixel_mode:
-            x = self._row(index, "pixels").float() / 127.5 - 1.0
-            return (x.flip(-1) if flip else x), label
-        moments = self._row(index, "moments").float()
-        view = moments[1] if (flip and self.views > 1) else moments[0]
-        mean, logvar = view.chunk(2, dim=0)
-        if not self.sample_posterior:
-            return self.scale * mean, label
-        eps = torch.randn(mean.shape, generator=g)
-        return self.scale * (mean + torch.exp(0.5 * logvar) * eps), label
 
 
 # ------------------------------------------------------------------------------------------------

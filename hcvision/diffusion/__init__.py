@@ -28,6 +28,8 @@ for flow models (see :mod:`hcvision.diffusion.sampling`). ``GaussianDiffusion(us
 REPA (representation alignment) is :mod:`hcvision.diffusion.repa`; :class:`DiffusionLoss` is the trainer's loss
 (objective + optional REPA term, all-reduced value).
 """
+from ..sampling_spec import DEFAULT_SAMPLER, SamplingSpec
+from .flow import TIME_SAMPLINGS, FlowMatching, interpolate, target_velocity, velocity_to_score
 from .gaussian_diffusion import (
     GaussianDiffusion,
     discretized_gaussian_log_likelihood,
@@ -36,10 +38,9 @@ from .gaussian_diffusion import (
     normal_kl,
     space_timesteps,
 )
-from .flow import TIME_SAMPLINGS, FlowMatching, interpolate, target_velocity, velocity_to_score
 from .guidance import Guidance, guided_output
+from .loss import DiffusionLoss
 from .objectives import (
-    DEFAULT_SAMPLER,
     METADATA_KEYS,
     OBJECTIVES,
     make_objective,
@@ -56,12 +57,12 @@ from .sampling import (
     objective_of,
     sample,
 )
-from .loss import DiffusionLoss
 
 __all__ = [
     "DDPM_SAMPLERS",
     "DEFAULT_SAMPLER",
     "DiffusionLoss",
+    "SamplingSpec",
     "FlowMatching",
     "METADATA_KEYS",
     "OBJECTIVES",

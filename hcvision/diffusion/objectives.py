@@ -14,23 +14,17 @@ without the keys are DDPM files (everything trained before the flow objective ex
 """
 from __future__ import annotations
 
-import json
-import math
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from ..cli import UsageError
-from .flow import TIME_SAMPLINGS, FlowMatching
+from ..sampling_spec import SAMPLERS, SamplingSpec, read_settings, settings
+from .flow import FlowMatching
 from .gaussian_diffusion import GaussianDiffusion
-from .sampling import SAMPLERS, objective_of
 
-__all__ = ["OBJECTIVES", "DEFAULT_SAMPLER", "METADATA_KEYS", "make_objective", "sampling_metadata",
-           "read_sampling_metadata"]
+__all__ = ["OBJECTIVES", "METADATA_KEYS", "make_objective", "sampling_metadata", "read_sampling_metadata"]
 
-OBJECTIVES: Tuple[str, ...] = ("ddpm", "flow")
-# DiT evaluates with 250 ancestral DDPM steps; SiT's and REPA's headline FIDs use the 250-step SDE sampler.
-DEFAULT_SAMPLER: Dict[str, str] = {"ddpm": "ddpm", "flow": "sde"}
-METADATA_KEYS: Tuple[str, ...] = ("objective", "time_sampling", "sampler", "sampling_steps", "cfg_scale",
-                                  "guidance_channels", "guidance_interval")
+OBJECTIVES: Tuple[str, ...] = tuple(SAMPLERS)  # ("ddpm", "flow")
+METADATA_KEYS: Tuple[str, ...] = ("objective", "time_sampling", *(f.name for f in settings()))
 
 
 def make_objective(objective: str = "ddpm", **options: Any) -> Union[GaussianDiffusion, FlowMatching]:
@@ -48,80 +42,31 @@ def make_objective(objective: str = "ddpm", **options: Any) -> Union[GaussianDif
     raise ValueError(f"objective={objective!r} is not valid; accepted: {', '.join(OBJECTIVES)}")
 
 
-def sampling_metadata(objective: str, *, time_sampling: Optional[str] = None, sampler: Optional[str] = None,
-                      steps: Optional[int] = None, cfg_scale: Optional[float] = None,
-                      guidance_channels: Optional[int] = None,
-                      guidance_interval: Optional[Sequence[float]] = None) -> Dict[str, str]:
-    """String metadata for ``hcvision.io.save_safetensors(..., metadata=...)``: the objective and sampling defaults.
-
-    Keys (all strings): ``objective`` (``ddpm``/``flow``), ``time_sampling``, ``sampler``, ``sampling_steps``,
-    ``cfg_scale``, ``guidance_channels`` (``""`` = automatic: 3 of 4 latent channels, else all) and
-    ``guidance_interval`` (JSON ``[lo, hi]``). Keys given as None are left out.
-    """
+def sampling_metadata(objective: str, spec: SamplingSpec = SamplingSpec(), *,
+                      time_sampling: Optional[str] = None) -> Dict[str, str]:
+    """String metadata for ``hcvision.io.save_safetensors(..., metadata=...)``: the objective, its ``time_sampling``
+    (flow) and every sampling setting of ``spec`` (:meth:`SamplingSpec.to_metadata`; sampler '' becomes the
+    objective's default). A sampler of another objective is a :class:`UsageError`."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not valid; accepted: {', '.join(OBJECTIVES)}")
-    if sampler is not None and objective_of(sampler) != objective:
-        raise ValueError(f"sampler={sampler!r} does not sample objective={objective!r}; accepted: "
-                         f"{', '.join(SAMPLERS[objective])}")
-    meta = {"objective": objective}
+    meta = {"objective": objective, **spec.for_objective(objective).to_metadata()}
     if time_sampling is not None:
         meta["time_sampling"] = str(time_sampling)
-    if sampler is not None:
-        meta["sampler"] = sampler
-    if steps is not None:
-        meta["sampling_steps"] = str(int(steps))
-    if cfg_scale is not None:
-        meta["cfg_scale"] = repr(float(cfg_scale))
-    if guidance_channels is not None:
-        meta["guidance_channels"] = str(int(guidance_channels)) if guidance_channels else ""
-    if guidance_interval is not None:
-        meta["guidance_interval"] = json.dumps([float(v) for v in guidance_interval])
     return meta
 
 
 def read_sampling_metadata(metadata: Mapping[str, str], source: str = "weights file") -> Dict[str, Any]:
-    """The objective and sampling defaults recorded in ``metadata`` (``{}`` entries absent -> None).
+    """``{"objective", "time_sampling", "settings"}`` recorded in ``metadata``: ``settings`` holds the sampling
+    settings the file records (:func:`hcvision.sampling_spec.read_settings`; old files: ``cfg_scale``).
 
     ``objective`` is ``"ddpm"`` when the file does not record one. Malformed values raise :class:`UsageError`
     naming ``source`` and the key.
     """
-    def bad(key: str, accepted: str) -> UsageError:
-        return UsageError(f"{source}: metadata {key}={metadata[key]!r} is not valid; accepted: {accepted}")
-
-    out: Dict[str, Any] = {"objective": metadata.get("objective", "ddpm"), "time_sampling": None, "sampler": None,
-                           "steps": None, "cfg_scale": None, "guidance_channels": None, "guidance_interval": None}
-    if out["objective"] not in OBJECTIVES:
-        raise bad("objective", ", ".join(OBJECTIVES))
-    out["time_sampling"] = metadata.get("time_sampling")
-    if "sampler" in metadata:
-        if metadata["sampler"] not in SAMPLERS[out["objective"]]:
-            raise bad("sampler", ", ".join(SAMPLERS[out["objective"]]))
-        out["sampler"] = metadata["sampler"]
-    if "sampling_steps" in metadata:
-        try:
-            out["steps"] = int(metadata["sampling_steps"])
-        except ValueError:
-            raise bad("sampling_steps", "an integer >= 1") from None
-        if out["steps"] < 1:
-            raise bad("sampling_steps", "an integer >= 1")
-    if "cfg_scale" in metadata:
-        try:
-            out["cfg_scale"] = float(metadata["cfg_scale"])
-        except ValueError:
-            raise bad("cfg_scale", "a number >= 0") from None
-        if not (math.isfinite(out["cfg_scale"]) and out["cfg_scale"] >= 0):
-            raise bad("cfg_scale", "a number >= 0")
-    if metadata.get("guidance_channels"):
-        try:
-            out["guidance_channels"] = int(metadata["guidance_channels"])
-        except ValueError:
-            raise bad("guidance_channels", "'' (automatic) or an integer >= 1") from None
-    if "guidance_interval" in metadata:
-        try:
-            lo, hi = (float(v) for v in json.loads(metadata["guidance_interval"]))
-        except (ValueError, TypeError):
-            raise bad("guidance_interval", "a JSON list [lo, hi] with 0 <= lo <= hi <= 1") from None
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise bad("guidance_interval", "a JSON list [lo, hi] with 0 <= lo <= hi <= 1")
-        out["guidance_interval"] = (lo, hi)
-    return out
+    objective = metadata.get("objective", "ddpm")
+    if objective not in OBJECTIVES:
+        raise UsageError(f"{source}: metadata objective={objective!r} is not valid; accepted: {', '.join(OBJECTIVES)}")
+    settings = read_settings(metadata, source)
+    if settings.get("sampler") and settings["sampler"] not in SAMPLERS[objective]:
+        raise UsageError(f"{source}: metadata sampler={settings['sampler']!r} is not valid; accepted: "
+                         f"{', '.join(SAMPLERS[objective])}")
+    return {"objective": objective, "time_sampling": metadata.get("time_sampling"), "settings": settings}

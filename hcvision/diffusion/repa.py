@@ -191,10 +191,10 @@ def load_repa_encoder(path: str, model_name: str = DEFAULT_ENCODER, img_size: in
                       **model_kwargs: Any) -> nn.Module:
     """A frozen timm encoder (DINOv2 by default) from a local weights file, in eval mode, without downloads.
 
-    Loaded by :func:`hcvision.eval.dinov2.load_dinov2` (the FD-DINOv2 loader: safe, finite, position embedding
+    Loaded by :func:`hcvision.models.loading.load_dinov2` (the FD-DINOv2 loader: safe, finite, position embedding
     resampled to ``img_size``). Errors are :class:`UsageError` naming the ``repa_encoder`` option.
     """
-    from ..eval.dinov2 import load_dinov2
+    from ..models.loading import load_dinov2
 
     if not path:
         raise UsageError(f"repa_encoder is empty: REPA needs a local weights file of its frozen encoder "

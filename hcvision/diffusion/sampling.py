@@ -47,8 +47,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch import Tensor
-
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -57,7 +55,9 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
 
+from ..sampling_spec import DDPM_SAMPLERS, FLOW_SAMPLERS, SAMPLERS
 from .guidance import Guidance, check_guidance_channels, guided_output
 
 __all__ = [
@@ -65,10 +65,7 @@ __all__ = [
     "FlowHeunSampler", "FlowSDESampler", "make_sampler", "make_scheduler", "objective_of", "sample",
 ]
 
-DDPM_SAMPLERS: Tuple[str, ...] = ("ddpm", "ddim", "dpmsolver++")
-FLOW_SAMPLERS: Tuple[str, ...] = ("euler", "heun", "sde")
 SCHEDULERS = DDPM_SAMPLERS  # the DDPM family's names (kept under their historical name)
-SAMPLERS: Dict[str, Tuple[str, ...]] = {"ddpm": DDPM_SAMPLERS, "flow": FLOW_SAMPLERS}
 # Both objectives call the model with times in [0, 999]: DDPM's integer timesteps, and 999 t for flow time t, so the
 # DiT timestep embedder sees one range and the guidance interval reads the same for both (noise level = time / 999).
 MODEL_TIME_SCALE = 999.0
@@ -120,9 +117,9 @@ class DiffusersSampler:
         num_train = int(scheduler.config.num_train_timesteps)
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not (1 <= num_steps <= num_train):
             raise ValueError(f"num_steps must be an int in [1, {num_train}], got {num_steps!r}")
-        if self.flow:
+        if self.flow:  # its sigma is the flow time t (after its own shift, 1 by default)
             scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1].tolist(), device=device)
-            self.noise_levels = [float(s) for s in np.linspace(1.0, 0.0, num_steps + 1)[:-1]]
+            self.noise_levels = [float(s) for s in scheduler.sigmas[:-1].tolist()]
             self.model_times = scheduler.sigmas[:-1].to(torch.float32) * MODEL_TIME_SCALE
         else:
             scheduler.set_timesteps(num_steps, device=device)
@@ -131,8 +128,12 @@ class DiffusersSampler:
         self.num_steps = len(scheduler.timesteps)
         self.nfe = self.num_steps
         # A learned-range DDPM step takes the variance channels too; every other scheduler the prediction only.
-        self.full_output = isinstance(scheduler, DDPMScheduler) and \
-            scheduler.config.variance_type in ("learned", "learned_range")
+        learned = getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
+        self.full_output = isinstance(scheduler, DDPMScheduler) and learned
+        if learned and not self.full_output:  # e.g. DPM-Solver: it would slice the output to [:, :3] (UnCLIP's case)
+            raise ValueError(f"{type(scheduler).__name__} with variance_type={scheduler.config.variance_type!r} slices "
+                             "the model output to 3 channels; build it without variance_type (dit_scheduler(cls) "
+                             "does): it is given the prediction only")
         self.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))  # flow-match: x_1 = eps
 
     def step(self, denoise: Denoise, x: Tensor, i: int, generator: Generator) -> Tensor:

@@ -24,7 +24,7 @@ training; everything else is here. In outline::
 ``loss_fn(model, batch) -> (mean loss over the local batch, local batch size)``. Each micro-step reseeds the
 global RNGs from (seed, step, rank), so dropout/noise/timestep draws resume exactly.
 """
-from ..io import check_model_name
+from ..models.loading import check_model_name
 from .accel import build_accelerator, per_device_batch_size, release_accelerator, reseed_for_step, seed_everything, step_seed
 from .checkpoint import CheckpointManager, TrainState, check_output_dir, validate_resume
 from .config import BaseTrainConfig, ConfigError, checked, require, coerce_value, config_to_dict, load_yaml, parse_config, save_config

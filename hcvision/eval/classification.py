@@ -111,6 +111,7 @@ def load_classifier_weights(model: torch.nn.Module, checkpoint: str, model_name:
     ``model`` for evaluation on data with ``num_classes`` classes; returns the file used. Every misfit (missing,
     damaged, non-finite, another class count or model) is a :class:`UsageError`."""
     from .. import io
+    from ..models.loading import load_state_into
 
     path = io.resolve_weights(checkpoint, ema=False)
     source = f"checkpoint {str(path)!r}"
@@ -120,7 +121,7 @@ def load_classifier_weights(model: torch.nn.Module, checkpoint: str, model_name:
     if head is not None and head.shape[0] != num_classes:
         raise UsageError(f"{source} has {head.shape[0]} classes but the data has {num_classes}; evaluate on data "
                          "with the same classes or pass a matching checkpoint")
-    io.load_state_into(model, state, source, model_name)
+    load_state_into(model, state, source, model_name)
     return str(path)
 
 

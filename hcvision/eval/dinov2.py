@@ -30,7 +30,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from ..cli import UsageError
-from ..io import PathLike, check_finite, check_model_name, file_sha256, load_weights, recorded_model
+from ..io import PathLike
+from ..models.loading import DEFAULT_DINOV2_MODEL, DINOV2_INPUT_SIZE, load_dinov2
 
 __all__ = [
     "DEFAULT_DINOV2_MODEL",
@@ -45,8 +46,6 @@ __all__ = [
 
 DINOV2_EXTRACTOR = "hcv-dinov2"
 DINOV2_WEIGHTS_ENV = "HCV_DINOV2_WEIGHTS"
-DEFAULT_DINOV2_MODEL = "vit_large_patch14_dinov2.lvd142m"
-DINOV2_INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -62,40 +61,6 @@ def resolve_dinov2_weights(path: Optional[PathLike]) -> Path:
         raise UsageError(f"DINOv2 weights file {str(chosen)!r} does not exist; pass --dinov2-weights PATH or set "
                          f"{DINOV2_WEIGHTS_ENV}=PATH")
     return Path(chosen)
-
-
-def load_dinov2(path: PathLike, model_name: Optional[str] = None, model_kwargs: Optional[dict[str, Any]] = None, *,
-                img_size: int = DINOV2_INPUT_SIZE, key: str = "dinov2_model") -> tuple[torch.nn.Module, str]:
-    """A frozen DINOv2 ViT (or another timm ViT) for ``img_size`` inputs from a local weights file, without downloads;
-    returns (model in eval mode, sha256). Used for FD-DINOv2 and as REPA's encoder; ``key`` names the option in
-    errors. The file is read with :func:`hcvision.io.load_weights` (nothing unpickled) and must be finite."""
-    import timm
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    path = Path(path)
-    state, metadata = load_weights(path, what="DINOv2 weights")
-    source = f"DINOv2 weights {str(path)!r}"
-    check_finite(state, source)
-    recorded_name, recorded_kwargs = recorded_model(metadata, source)
-    name = model_name or recorded_name or DEFAULT_DINOV2_MODEL
-    check_model_name(name.split(".")[0], "vit_", what="timm ViT for DINOv2 features", key=key)
-    kwargs = {**(recorded_kwargs if model_kwargs is None else model_kwargs), "num_classes": 0, "img_size": img_size}
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"cannot build {name!r} with {kwargs} for {source} ({err})") from None
-    try:
-        # converts the original DINOv2 layout (w12/w3, mask_token, register tokens) and resamples the position
-        # embedding to the input grid; antialias=False as in DINOv2's interpolate_pos_encoding
-        state = checkpoint_filter_fn(dict(state), model, interpolation="bicubic", antialias=False)
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the classifier is not used
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise UsageError(f"{source} does not fit {name!r} ({first}); pass {key}=NAME naming the timm ViT the file "
-                         "was saved from") from None
-    model.eval().requires_grad_(False)
-    return model, file_sha256(path)
 
 
 def dinov2_preprocess(images: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from ..cli import UsageError
-from ..io import PathLike, check_finite, file_sha256, load_model, load_weights, read_metadata, save_safetensors
+from ..io import PathLike, check_finite, file_sha256, load_weights, read_metadata, save_safetensors
+from ..models.loading import load_model
 
 __all__ = [
     "DIGITS_CLASSIFIER_ENV",
@@ -383,7 +384,7 @@ def load_digits_classifier(
 ) -> tuple[torch.nn.Module, str]:
     """Build the digits classifier from a local weights file; returns (model in eval mode, sha256).
 
-    The model is rebuilt by :func:`hcvision.io.load_model` from the name and kwargs recorded in the file's metadata
+    The model is rebuilt by :func:`hcvision.models.loading.load_model` from the name and kwargs recorded in the file's metadata
     (see :func:`save_digits_classifier`); ``model_name`` / ``model_kwargs`` override them, and
     ``$HCV_DIGITS_MODEL_NAME`` names the model when neither the argument nor the file does. NaN/Inf weights are
     refused.

@@ -9,7 +9,8 @@
 
 The results JSON records the metrics and their provenance (:func:`hcvision.eval.provenance_fields`): the number of
 samples, the reference's name and SHA-256, each extractor's weights SHA-256, and the sampling fields (objective,
-sampler, steps, guidance scale/interval/channels, EMA) given as options or in ``--provenance FILE``. Every bad input
+sampler, sampling steps, guidance scale/interval/channels, SDE diffusion norm, EMA) given as options or in
+``--provenance FILE``. Every bad input
 exits 2 with one line, before any feature is computed or any file written.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..cli import UsageError, run_cli
+from ..sampling_spec import add_arguments
 
 __all__ = ["build_parser", "main"]
 
@@ -28,7 +30,7 @@ PROG = "python -m hcvision.eval.generative"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .metrics import EXTRACTOR_ALIASES
+    from .metrics import EXTRACTOR_ALIASES, METRICS
 
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -44,35 +46,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="InceptionV3 weights (.pth state dict or .safetensors); default $HCV_INCEPTION_WEIGHTS")
     p.add_argument("--weights", metavar="PATH", help="weights of the chosen feature extractor (any extractor)")
     p.add_argument("--model-name", help="timm model name of the hcv-digits classifier, if its file lacks it")
-    p.add_argument("--sfid", action="store_true", help="also sFID (Inception mixed_6/conv, ADM's definition)")
-    p.add_argument("--fd-dinov2", action="store_true", help="also FD-DINOv2 (needs --dinov2-weights)")
     p.add_argument("--dinov2-weights", metavar="PATH", help="DINOv2 ViT weights; default $HCV_DINOV2_WEIGHTS")
     p.add_argument("--dinov2-model", help="timm name of the DINOv2 ViT (default: recorded in the file, else "
                                           "vit_large_patch14_dinov2.lvd142m)")
-    p.add_argument("--no-fid", action="store_true")
-    p.add_argument("--no-isc", action="store_true")
-    p.add_argument("--no-prc", action="store_true")
-    p.add_argument("--kid", action="store_true")
+    m = p.add_argument_group("metrics (hcvision.eval.metrics.METRICS)")
+    for metric in METRICS.values():  # --no-NAME drops a default metric, --NAME adds another
+        flag = metric.name.replace("_", "-")
+        m.add_argument(f"--no-{flag}" if metric.default else f"--{flag}", dest=metric.name, default=metric.default,
+                       action="store_false" if metric.default else "store_true",
+                       help=f"{'skip' if metric.default else 'also'} {metric.help}")
     p.add_argument("--prc-k", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--verbose", action="store_true")
     g = p.add_argument_group("provenance (copied into the results JSON)")
-    g.add_argument("--provenance", metavar="JSON", help="a JSON object with any of objective, sampler, steps, "
-                   "guidance_scale, guidance_interval, guidance_channels, ema (e.g. the sampling CLI's record)")
+    g.add_argument("--provenance", metavar="JSON", help="a JSON object with any of objective, the sampling settings "
+                   "(sampler, sampling_steps, guidance_scale, ...), ema (e.g. the sampling CLI's record)")
     g.add_argument("--objective")
-    g.add_argument("--sampler")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--guidance-scale", type=float)
-    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"))
-    g.add_argument("--guidance-channels", type=int)
+    add_arguments(g, defaults="default: from --provenance, else not recorded; e.g.")
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None)
     return p
 
 
 def _sampling_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """Sampling fields from ``--provenance`` overridden by explicit options, checked by provenance_fields."""
-    from .provenance import SAMPLING_KEYS, provenance_fields
+    """Sampling fields from ``--provenance`` (old names accepted) overridden by explicit options, checked by
+    provenance_fields."""
+    from ..sampling_spec import renamed, settings_from_args
+    from .provenance import SAMPLING_KEYS, SETTING_NAMES, provenance_fields
 
     fields: dict[str, Any] = {}
     if args.provenance:
@@ -85,18 +85,27 @@ def _sampling_fields(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--provenance file {str(path)!r} is not readable JSON ({type(err).__name__})") from None
         if not isinstance(obj, dict):
             raise UsageError(f"--provenance file {str(path)!r} must hold a JSON object, got {type(obj).__name__}")
-        fields = {k: obj[k] for k in SAMPLING_KEYS if obj.get(k) is not None}
-    for key in SAMPLING_KEYS:
-        if getattr(args, key) is not None:
-            fields[key] = getattr(args, key)
-    return provenance_fields(**fields)
+        # old records (steps, cfg_scale, scheduler) name the same settings; the new names win
+        old = {renamed(k, "--provenance"): v for k, v in obj.items() if k in ("steps", "cfg_scale", "scheduler")}
+        fields = {**old, **{k: obj[k] for k in SAMPLING_KEYS if obj.get(k) is not None}}
+    fields.update({key: getattr(args, key) for key in ("objective", "ema") if getattr(args, key) is not None})
+    fields.update(settings_from_args(args))  # checked, errors name the option
+    sampling = {k: fields.pop(k) for k in SETTING_NAMES if k in fields}
+    return provenance_fields(sampling=sampling, **fields)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m hcvision.eval.generative`` (run through :func:`hcvision.cli.run_cli`)."""
     args = build_parser().parse_args(argv)
     from .features import INCEPTION_EXTRACTOR
-    from .metrics import _canonical_extractor, check_output_path, evaluate_generative, save_reference_stats
+    from .metrics import (
+        METRICS,
+        MetricOptions,
+        _canonical_extractor,
+        check_output_path,
+        evaluate_generative,
+        save_reference_stats,
+    )
     from .provenance import input_sha256, provenance_fields
 
     # Options, output paths and provenance first: nothing is computed or written before they pass.
@@ -118,16 +127,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sampling = _sampling_fields(args)
     common = dict(feature_extractor=args.feature_extractor, weights_path=args.inception_weights or args.weights,
                   batch_size=args.batch_size, device=args.device, model_name=args.model_name, verbose=args.verbose,
-                  sfid=args.sfid, fd_dinov2=args.fd_dinov2, dinov2_weights=args.dinov2_weights,
-                  dinov2_model=args.dinov2_model)
+                  dinov2_weights=args.dinov2_weights, dinov2_model=args.dinov2_model)
 
     if not args.gen:  # only reference statistics
-        stats = save_reference_stats(args.ref, args.write_ref_stats, **common)
+        stats = save_reference_stats(args.ref, args.write_ref_stats, sfid=args.sfid, fd_dinov2=args.fd_dinov2,
+                                     **common)
         print(f"wrote reference statistics of {stats.num_samples} images to {args.write_ref_stats}", file=sys.stderr)
         return 0
 
-    result = evaluate_generative(args.gen, args.ref, fid=not args.no_fid, isc=not args.no_isc, prc=not args.no_prc,
-                                 kid=args.kid, prc_k=args.prc_k, save_ref_stats=args.write_ref_stats, **common)
+    metrics = [name for name in METRICS if getattr(args, name)]
+    result = evaluate_generative(args.gen, args.ref, metrics=metrics, options=MetricOptions(prc_k=args.prc_k),
+                                 save_ref_stats=args.write_ref_stats, **common)
     if args.write_ref_stats:
         print(f"wrote reference statistics to {args.write_ref_stats}", file=sys.stderr)
     record: dict[str, Any] = {

@@ -14,10 +14,11 @@ Every foreseeable problem (a bad file, array, count, label, weights file or opti
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -45,7 +46,11 @@ from .npz import (
 )
 
 __all__ = [
+    "DEFAULT_METRICS",
     "EXTRACTOR_ALIASES",
+    "METRICS",
+    "Metric",
+    "MetricOptions",
     "GenerativeEvaluation",
     "UInt8ImageDataset",
     "check_output_path",
@@ -54,6 +59,7 @@ __all__ = [
     "evaluate_generative",
     "frechet_distance",
     "generative_metrics",
+    "metric_names",
     "metrics_from_stats",
     "save_reference_stats",
     "score_samples",
@@ -187,16 +193,18 @@ def check_output_path(path: PathLike, what: str = "output", suffix: Optional[str
     return path
 
 
-def _check_counts(n_gen: int, n_ref: Optional[int], *, fd: list[str], isc: bool, prc: bool, kid: bool, prc_k: int,
-                  isc_splits: int) -> None:
-    """Sample counts every requested metric needs, named: a Fréchet distance needs a covariance (>= 2 samples)."""
+def _check_counts(n_gen: int, n_ref: Optional[int], chosen: Sequence[Metric], options: MetricOptions) -> None:
+    """Sample counts every requested metric needs, named: a Fréchet distance or KID needs a covariance (>= 2)."""
     sets = [("gen", n_gen)] + ([("ref", n_ref)] if n_ref is not None else [])
-    for name in fd + (["KID"] if kid else []):
-        for which, n in sets:
-            if n < 2:
-                raise UsageError(f"{name} needs at least 2 samples per set (a covariance), but {which} has {n}; "
-                                 "accepted: 2 or more (published numbers use 10K-50K)")
-    if prc:
+    for m in chosen:
+        if m.frechet or m.name == "kid":
+            for which, n in sets:
+                if n < 2:
+                    raise UsageError(f"{m.title} needs at least 2 samples per set (a covariance), but {which} has "
+                                     f"{n}; accepted: 2 or more (published numbers use 10K-50K)")
+    names = {m.name for m in chosen}
+    prc_k, isc_splits = options.prc_k, options.isc_splits
+    if "prc" in names:
         if isinstance(prc_k, bool) or not isinstance(prc_k, int) or prc_k < 1:
             raise UsageError(f"prc_k={prc_k!r} is not valid; accepted: an integer >= 1 (ADM uses 3)")
         smallest = min(n for _, n in sets)
@@ -204,7 +212,7 @@ def _check_counts(n_gen: int, n_ref: Optional[int], *, fd: list[str], isc: bool,
             raise UsageError(f"precision/recall with prc_k={prc_k} needs more than {prc_k} samples per set, but the "
                              f"smaller set has {smallest}; accepted: prc_k in [1, {max(1, smallest - 1)}] or more "
                              "samples")
-    if isc:
+    if "isc" in names:
         if isinstance(isc_splits, bool) or not isinstance(isc_splits, int) or isc_splits < 1:
             raise UsageError(f"isc_splits={isc_splits!r} is not valid; accepted: an integer >= 1")
         if n_gen < isc_splits:
@@ -212,16 +220,16 @@ def _check_counts(n_gen: int, n_ref: Optional[int], *, fd: list[str], isc: bool,
                              f"{n_gen}; accepted: more samples or fewer splits")
 
 
-def _check_stats_content(inp: _Input, which: str, *, features: bool, logits: bool, spatial: bool,
-                         dinov2: bool) -> None:
+_FEATURE_SETS = {"per_sample": ("features", "per-sample features (precision/recall, KID)"),
+                 "logits": ("logits", "per-sample logits (IS, class accuracy)"),
+                 "spatial": ("spatial", "sFID statistics"), "dinov2": ("dinov2", "DINOv2 statistics (FD-DINOv2)")}
+
+
+def _check_stats_content(inp: _Input, which: str, needs: set[str]) -> None:
     s = inp.stats
     if s is None:
         return
-    need = [("per-sample features (precision/recall, KID)", features and s.features is None),
-            ("per-sample logits (IS, class accuracy)", logits and s.logits is None),
-            ("sFID statistics", spatial and s.spatial is None),
-            ("DINOv2 statistics (FD-DINOv2)", dinov2 and s.dinov2 is None)]
-    missing = [name for name, lacking in need if lacking]
+    missing = [words for need, (attr, words) in _FEATURE_SETS.items() if need in needs and getattr(s, attr) is None]
     if missing:
         raise UsageError(f"{which} statistics {inp.description!r} hold no {' and no '.join(missing)}; recompute them "
                          "with save_reference_stats (CLI --write-ref-stats) and the same metric options")
@@ -370,61 +378,131 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     return float(fid_statistics_to_metric(as_stats(a), as_stats(b), False)[KEY_METRIC_FID])
 
 
-def metrics_from_stats(
-    gen: FeatureStats,
-    ref: Optional[FeatureStats],
-    *,
-    fid: bool = True,
-    isc: bool = True,
-    prc: bool = True,
-    kid: bool = False,
-    sfid: bool = False,
-    fd_dinov2: bool = False,
-    prc_k: int = 3,
-    isc_splits: int = 10,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    seed: int = 2020,
-) -> dict[str, float]:
-    """Compute metrics from features/statistics with torch-fidelity's formulas.
+@dataclass(frozen=True)
+class MetricOptions:
+    """The metrics' own parameters (torch-fidelity's names and defaults; ADM's k = 3 for precision/recall)."""
+
+    prc_k: int = 3
+    isc_splits: int = 10
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    seed: int = 2020
+
+
+def _fid(gen: FeatureStats, ref: FeatureStats, o: MetricOptions) -> dict[str, float]:
+    return {"fid": frechet_distance(gen, ref)}
+
+
+def _sfid(gen: FeatureStats, ref: FeatureStats, o: MetricOptions) -> dict[str, float]:
+    return {"sfid": frechet_distance(gen.spatial, ref.spatial)}
+
+
+def _fd_dinov2(gen: FeatureStats, ref: FeatureStats, o: MetricOptions) -> dict[str, float]:
+    return {"fd_dinov2": frechet_distance(gen.dinov2, ref.dinov2)}
+
+
+def _isc(gen: FeatureStats, ref: Optional[FeatureStats], o: MetricOptions) -> dict[str, float]:
+    r = isc_features_to_metric(torch.from_numpy(np.asarray(gen.logits)), o.isc_splits, True, o.seed)
+    return {"is_mean": r[KEY_METRIC_ISC_MEAN], "is_std": r[KEY_METRIC_ISC_STD]}
+
+
+def _per_sample(gen: FeatureStats, ref: FeatureStats) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.from_numpy(np.asarray(gen.features, np.float32)),
+            torch.from_numpy(np.asarray(ref.features, np.float32)))
+
+
+def _prc(gen: FeatureStats, ref: FeatureStats, o: MetricOptions) -> dict[str, float]:
+    r = prc_features_to_metric(*_per_sample(gen, ref), prc_neighborhood=o.prc_k, prc_batch_size=10000,
+                               save_cpu_ram=False, verbose=False)
+    return {"precision": r[KEY_METRIC_PRECISION], "recall": r[KEY_METRIC_RECALL]}
+
+
+def _kid(gen: FeatureStats, ref: FeatureStats, o: MetricOptions) -> dict[str, float]:
+    f_gen, f_ref = _per_sample(gen, ref)
+    size = min(o.kid_subset_size, len(f_gen), len(f_ref))  # subsets capped at the samples there are
+    r = kid_features_to_metric(f_gen, f_ref, kid_subsets=o.kid_subsets, kid_subset_size=size, rng_seed=o.seed,
+                               verbose=False)
+    return {"kid_mean": r[KEY_METRIC_KID_MEAN], "kid_std": r[KEY_METRIC_KID_STD]}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric: what it reads and how it is computed. Everything else (the checks, which features a pass
+    extracts and keeps, the CLI's flags) derives from :data:`METRICS`."""
+
+    name: str  # what callers request (and the CLI flag: --NAME, or --no-NAME for a default one)
+    title: str  # in messages
+    needs: str  # the feature set read: "pool" (moments), "per_sample" (features), "logits", "spatial", "dinov2"
+    reference: bool  # compares against a reference set
+    default: bool  # computed unless the caller names the metrics
+    compute: Callable[[FeatureStats, Optional[FeatureStats], MetricOptions], dict[str, float]]
+    help: str
+
+    @property
+    def frechet(self) -> bool:  # needs a covariance: 2 samples or more per set
+        return self.needs in ("pool", "spatial", "dinov2")
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("fid", "FID", "pool", True, True, _fid, "Fréchet Inception distance (Heusel et al. 2017)"),
+    Metric("isc", "IS", "logits", False, True, _isc, "Inception score (mean and std over isc_splits splits)"),
+    Metric("prc", "precision/recall", "per_sample", True, True, _prc,
+           "precision and recall (Kynkäänniemi et al. 2019; k = prc_k, on the FID features as ADM)"),
+    Metric("kid", "KID", "per_sample", True, False, _kid, "kernel Inception distance (Bińkowski et al. 2018)"),
+    Metric("sfid", "sFID", "spatial", True, False, _sfid,
+           "sFID: Fréchet distance on Inception's mixed_6/conv features (ADM; needs the Inception extractor)"),
+    Metric("fd_dinov2", "FD-DINOv2", "dinov2", True, False, _fd_dinov2,
+           "Fréchet distance on DINOv2 CLS features (Stein et al. 2023; needs DINOv2 weights)"),
+)}
+DEFAULT_METRICS: tuple[str, ...] = tuple(name for name, m in METRICS.items() if m.default)
+
+
+def _check_metrics(metrics: Sequence[str]) -> list[Metric]:
+    """The table's entries for ``metrics`` (names, in table order); an unknown name or none is a UsageError."""
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise UsageError(f"metrics={list(metrics)!r} is not valid; accepted: one or more of {', '.join(METRICS)}")
+    return [m for name, m in METRICS.items() if name in metrics]
+
+
+def metric_names(**flags: bool) -> list[str]:
+    """The metric names meant by per-metric flags (``fid=True, isc=False, kid=True``; a flag left out keeps the
+    table's default): the keyword form of :func:`generative_metrics` and :func:`score_samples`."""
+    unknown = sorted(set(flags) - set(METRICS))
+    if unknown:
+        raise UsageError(f"unknown metric flag(s) {unknown}; accepted: {', '.join(METRICS)}")
+    return [name for name, m in METRICS.items() if flags.get(name, m.default)]
+
+
+def metrics_from_stats(gen: FeatureStats, ref: Optional[FeatureStats], metrics: Sequence[str] = DEFAULT_METRICS,
+                       options: MetricOptions = MetricOptions()) -> dict[str, float]:
+    """The ``metrics`` (names of :data:`METRICS`) of features/statistics, with torch-fidelity's formulas.
 
     Precision is the share of generated samples inside the reference manifold, recall the share of reference
     samples inside the generated manifold (k-NN balls, ``prc_k`` neighbours, ADM/Kynkäänniemi et al.).
     KID subsets are capped at the number of available samples. ``sfid`` and ``fd_dinov2`` read the ``spatial`` and
     ``dinov2`` statistics of both sets.
     """
-    if (fid or prc or kid or sfid or fd_dinov2) and ref is None:
-        raise UsageError("a reference set (ref) is required for FID, sFID, FD-DINOv2, precision/recall and KID")
-    fd = [n for n, on in (("FID", fid), ("sFID", sfid), ("FD-DINOv2", fd_dinov2)) if on]
-    _check_counts(gen.num_samples, None if ref is None else ref.num_samples, fd=fd, isc=isc, prc=prc, kid=kid,
-                  prc_k=prc_k, isc_splits=isc_splits)
+    chosen = _check_metrics(metrics)
+    if any(m.reference for m in chosen) and ref is None:
+        raise UsageError("a reference set (ref) is required for "
+                         + ", ".join(m.title for m in chosen if m.reference) + " (only IS works without it)")
+    _check_counts(gen.num_samples, None if ref is None else ref.num_samples, chosen, options)
     for s, which in ((gen, "gen"), (ref, "ref")):
         if s is not None:
-            _check_stats_content(_Input(None, s, None, which), which, features=prc or kid,
-                                 logits=isc and which == "gen", spatial=sfid, dinov2=fd_dinov2)
+            _check_stats_content(_Input(None, s, None, which), which, _needs(chosen, ref=which == "ref"))
     out: dict[str, float] = {}
-    if fid:
-        out["fid"] = frechet_distance(gen, ref)
-    if sfid:
-        out["sfid"] = frechet_distance(gen.spatial, ref.spatial)
-    if fd_dinov2:
-        out["fd_dinov2"] = frechet_distance(gen.dinov2, ref.dinov2)
-    if isc:
-        r = isc_features_to_metric(torch.from_numpy(np.asarray(gen.logits)), isc_splits, True, seed)
-        out["is_mean"], out["is_std"] = r[KEY_METRIC_ISC_MEAN], r[KEY_METRIC_ISC_STD]
-    if prc or kid:
-        f_gen = torch.from_numpy(np.asarray(gen.features, np.float32))
-        f_ref = torch.from_numpy(np.asarray(ref.features, np.float32))
-    if prc:
-        r = prc_features_to_metric(f_gen, f_ref, prc_neighborhood=prc_k, prc_batch_size=10000,
-                                   save_cpu_ram=False, verbose=False)
-        out["precision"], out["recall"] = r[KEY_METRIC_PRECISION], r[KEY_METRIC_RECALL]
-    if kid:
-        size = min(kid_subset_size, len(f_gen), len(f_ref))
-        r = kid_features_to_metric(f_gen, f_ref, kid_subsets=kid_subsets, kid_subset_size=size,
-                                   rng_seed=seed, verbose=False)
-        out["kid_mean"], out["kid_std"] = r[KEY_METRIC_KID_MEAN], r[KEY_METRIC_KID_STD]
+    for m in chosen:
+        out.update(m.compute(gen, ref, options))
     return out
+
+
+def _needs(chosen: Sequence[Metric], *, ref: bool = False, logits: bool = False) -> set[str]:
+    """The feature sets ``chosen`` read from one set (a reference set gives no logits)."""
+    need = {m.needs for m in chosen if not (ref and m.needs == "logits")}
+    return need | ({"logits"} if logits and not ref else set())
 
 
 @dataclass
@@ -442,35 +520,27 @@ def evaluate_generative(
     gen: Source,
     ref: Optional[Source] = None,
     *,
-    fid: bool = True,
-    isc: bool = True,
-    prc: bool = True,
-    kid: bool = False,
-    sfid: bool = False,
-    fd_dinov2: bool = False,
+    metrics: Sequence[str] = DEFAULT_METRICS,
     feature_extractor: str = "inception-v3-compat",
     weights_path: Optional[PathLike] = None,
     dinov2_weights: Optional[PathLike] = None,
     dinov2_model: Optional[str] = None,
-    batch_size: Optional[int] = None,
-    device: Union[None, str, torch.device] = None,
-    prc_k: int = 3,
-    isc_splits: int = 10,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
+    options: MetricOptions = MetricOptions(),
     gen_labels: Optional[Sequence[int]] = None,
     model_name: Optional[str] = None,
     save_ref_stats: Optional[PathLike] = None,
+    batch_size: Optional[int] = None,
+    device: Union[None, str, torch.device] = None,
     verbose: bool = False,
 ) -> GenerativeEvaluation:
-    """:func:`generative_metrics` plus sample counts and extractor fingerprints; ``save_ref_stats=PATH`` also saves
-    the reference's statistics (with per-sample features) once they are computed."""
-    if not (fid or isc or prc or kid or sfid or fd_dinov2):
-        raise UsageError("no metric requested: set at least one of fid, isc, prc, kid, sfid, fd_dinov2")
-    need_ref = fid or prc or kid or sfid or fd_dinov2
+    """The ``metrics`` (names of :data:`METRICS`) of ``gen`` against ``ref``, plus sample counts and extractor
+    fingerprints; ``save_ref_stats=PATH`` also saves the reference's statistics (with per-sample features) once they
+    are computed. See :func:`generative_metrics` for the arguments."""
+    chosen = _check_metrics(metrics)
+    need_ref = any(m.reference for m in chosen)
     if need_ref and ref is None:
-        raise UsageError("ref is required for FID, sFID, FD-DINOv2, precision/recall and KID (only IS works without "
-                         "it)")
+        raise UsageError("ref is required for " + ", ".join(m.title for m in chosen if m.reference)
+                         + " (only IS works without it)")
     name = _canonical_extractor(feature_extractor)
     device = _parse_device(device)
     _check_batch_size(batch_size)
@@ -486,29 +556,28 @@ def evaluate_generative(
     if gen_labels is not None and not want_acc:
         raise UsageError(f"gen_labels are only used for class accuracy with feature_extractor={DIGITS_EXTRACTOR!r}")
     labels = _check_labels(labels, gen_in.num_samples, None) if want_acc else None
-    fd = [n for n, on in (("FID", fid), ("sFID", sfid), ("FD-DINOv2", fd_dinov2)) if on]
-    _check_counts(gen_in.num_samples, ref_in.num_samples if ref_in else None, fd=fd, isc=isc, prc=prc, kid=kid,
-                  prc_k=prc_k, isc_splits=isc_splits)
-    _check_stats_content(gen_in, "gen", features=prc or kid, logits=isc or want_acc, spatial=sfid, dinov2=fd_dinov2)
+    _check_counts(gen_in.num_samples, ref_in.num_samples if ref_in else None, chosen, options)
+    needs = _needs(chosen, logits=want_acc)
+    _check_stats_content(gen_in, "gen", needs)
     if ref_in is not None:
-        _check_stats_content(ref_in, "ref", features=prc or kid, logits=False, spatial=sfid, dinov2=fd_dinov2)
+        _check_stats_content(ref_in, "ref", _needs(chosen, ref=True))
     # 2) weights: every extractor is built (and its file validated) before any image is processed
-    need_main = fid or isc or prc or kid or sfid or want_acc or save_ref_stats is not None
-    ex = _make_extractors(name, weights_path, device, batch_size, isc or want_acc, verbose, model_name, sfid=sfid,
-                          fd_dinov2=fd_dinov2, dinov2_weights=dinov2_weights, dinov2_model=dinov2_model,
-                          need_main=need_main)
+    need_main = bool(needs - {"dinov2"}) or save_ref_stats is not None
+    ex = _make_extractors(name, weights_path, device, batch_size, "logits" in needs, verbose, model_name,
+                          sfid="spatial" in needs, fd_dinov2="dinov2" in needs, dinov2_weights=dinov2_weights,
+                          dinov2_model=dinov2_model, need_main=need_main)
     if want_acc:
         _check_labels(labels, gen_in.num_samples, getattr(ex.main.module, "num_classes", None))
     for inp in (gen_in, ref_in):
         if inp is not None and inp.stats is not None:
             if ex.main is not None:
                 ex.main.check(inp.stats, inp.description)
-            if sfid:
+            if "spatial" in needs:
                 ex.main.check(inp.stats.spatial, inp.description, "sFID")
-            if fd_dinov2:
+            if "dinov2" in needs:
                 ex.dinov2.check(inp.stats.dinov2, inp.description, "FD-DINOv2")
     # 3) features, then metrics
-    keep = prc or kid
+    keep = "per_sample" in needs
     gen_stats = gen_in.stats if gen_in.stats is not None else _compute(ex, gen_in.dataset, keep_features=keep)
     ref_stats = None
     if ref_in is not None:
@@ -518,9 +587,7 @@ def evaluate_generative(
             ref_stats = _compute(ex, ref_in.dataset, keep_features=keep or save_ref_stats is not None)
             if save_ref_stats is not None:
                 save_stats(save_ref_stats, ref_stats)
-    out = metrics_from_stats(gen_stats, ref_stats, fid=fid, isc=isc, prc=prc, kid=kid, sfid=sfid,
-                             fd_dinov2=fd_dinov2, prc_k=prc_k, isc_splits=isc_splits, kid_subsets=kid_subsets,
-                             kid_subset_size=kid_subset_size)
+    out = metrics_from_stats(gen_stats, ref_stats, [m.name for m in chosen], options)
     if want_acc:
         out["cls_acc"] = class_accuracy(torch.from_numpy(gen_stats.logits), torch.as_tensor(labels))
     return GenerativeEvaluation(out, gen_in.num_samples, ref_in.num_samples if ref_in else None, ex.sha256s())
@@ -534,7 +601,8 @@ def generative_metrics(gen: Source, ref: Optional[Source] = None, **kwargs: Any)
             written by :func:`save_reference_stats` (an ``.npz`` with ``mu``/``sigma``), a uint8 NHWC numpy array, a
             uint8 NCHW torch tensor, or :class:`~hcvision.eval.npz.FeatureStats`. An ADM reference batch (``arr_0``
             plus TF-computed ``mu``/``sigma``) is read as images: its moments come from another Inception port.
-        fid, isc, prc, kid: the usual metrics (KID off by default).
+        metrics: names of :data:`METRICS` (default: fid, isc, prc); or per-metric flags ``fid=``, ``isc=``,
+            ``prc=``, ``kid=``, ``sfid=``, ``fd_dinov2=`` (a flag left out keeps the table's default).
         sfid: ADM's sFID: the Fréchet distance on the first 7 channels of Inception's ``mixed_6/conv`` (17x17)
             features, flattened (2023 dims). Needs the Inception extractor.
         fd_dinov2: Fréchet distance on DINOv2 CLS features (dgm-eval's preprocessing, :mod:`hcvision.eval.dinov2`),
@@ -548,7 +616,8 @@ def generative_metrics(gen: Source, ref: Optional[Source] = None, **kwargs: Any)
         gen_labels: requested classes of the generated samples (defaults to ``arr_1`` of a gen ``.npz``); with
             ``hcv-digits`` the result then includes ``cls_acc``.
         model_name: timm name of the digits classifier, if its file does not record it.
-        batch_size, device, prc_k (3), isc_splits (10), kid_subsets, kid_subset_size, verbose: as named.
+        prc_k (3), isc_splits (10), kid_subsets, kid_subset_size, seed: :class:`MetricOptions` (or ``options=``).
+        batch_size, device, verbose: as named.
 
     Returns:
         ``fid``, ``sfid``, ``fd_dinov2``, ``is_mean``, ``is_std``, ``precision``, ``recall``, ``kid_mean``,
@@ -557,7 +626,13 @@ def generative_metrics(gen: Source, ref: Optional[Source] = None, **kwargs: Any)
     Raises:
         UsageError: a bad input, count, label, option or weights file, found before any feature is computed.
     """
-    return evaluate_generative(gen, ref, **kwargs).metrics
+    flags = {k: kwargs.pop(k) for k in list(kwargs) if k in METRICS}
+    option_names = {f.name for f in dataclasses.fields(MetricOptions)}
+    options = MetricOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in option_names})
+    if flags and "metrics" in kwargs:
+        raise UsageError(f"give either metrics= or per-metric flags ({', '.join(flags)}), not both")
+    metrics = kwargs.pop("metrics", None) or metric_names(**flags)
+    return evaluate_generative(gen, ref, metrics=metrics, options=options, **kwargs).metrics
 
 
 def score_samples(images: np.ndarray, labels: np.ndarray, reference: str = "digits",
@@ -566,14 +641,14 @@ def score_samples(images: np.ndarray, labels: np.ndarray, reference: str = "digi
     against ``reference``, which is ``"digits"`` (the held-out digits in ``hcv-digits`` features of ``classifier``,
     plus ``cls_acc``) or reference images / an ``.npz`` / statistics (Inception features). Adds ``reference``."""
     if reference == "digits":
-        from ..data.generative import digits_pixels
+        from ..data.digits import digits_pixels
         from .features import digits_to_uint8
 
         ref = digits_to_uint8((digits_pixels("val").images + 1.0) * 8.0)  # [-1, 1] -> sklearn's 0..16
         scores = generative_metrics(images, ref.permute(0, 2, 3, 1).numpy(), feature_extractor=DIGITS_EXTRACTOR,
-                                    weights_path=classifier, gen_labels=labels, isc=True, fid=True, prc=True)
+                                    weights_path=classifier, gen_labels=labels, metrics=DEFAULT_METRICS)
         return {**scores, "reference": "digits held-out split"}
-    return {**generative_metrics(images, reference, isc=True, fid=True, prc=True), "reference": reference}
+    return {**generative_metrics(images, reference, metrics=DEFAULT_METRICS), "reference": reference}
 
 
 def compute_stats(

@@ -14,6 +14,7 @@ import typing
 from typing import Any, Dict, Mapping, Tuple
 
 from ..cli import UsageError
+from ..values import ConfigError, coerce_value
 
 __all__ = ["model_arguments", "check_model_kwargs"]
 
@@ -43,7 +44,7 @@ def _annotation(cls: type, param: inspect.Parameter) -> Any:
 @functools.lru_cache(maxsize=None)
 def model_arguments(name: str) -> Dict[str, Any]:
     """``{argument: annotation}`` of the registered model ``name`` (built once on the meta device to find its class)."""
-    from ..io import create_model
+    from .loading import create_model
 
     cls = type(create_model(name, meta=True))
     found: Dict[str, Any] = {}
@@ -84,7 +85,6 @@ def check_model_kwargs(name: str, kwargs: Mapping[str, Any], key: str = "model_k
     """``kwargs`` checked against the arguments of the registered model ``name`` and converted to their types
     (lists to tuples, ints to floats); an unknown argument or a value of the wrong type is a :class:`UsageError`
     naming the close argument names or the accepted values."""
-    from ..engine.config import ConfigError, coerce_value
 
     arguments = model_arguments(name)
     checked: Dict[str, Any] = {}

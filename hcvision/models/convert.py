@@ -8,7 +8,7 @@ timm's ``load_pretrained`` calls a model's ``pretrained_filter_fn`` first, and o
 ``num_classes`` differs from the pretrained cfg's) and adapts the first conv (when ``in_chans`` differs). The filters
 here therefore leave exactly those tensors to timm when it is going to adapt them (``timm_adapts=True``, what timm's
 call gets) and check every other tensor, naming the ones that do not fit. :func:`hcvision.models.filter_checkpoint`
-(the loader of :func:`hcvision.io.load_model`) passes ``timm_adapts=False``: there every tensor must fit.
+(the loader of :func:`hcvision.models.loading.load_model`) passes ``timm_adapts=False``: there every tensor must fit.
 
 DiT: official checkpoints (``.pt`` state dicts, possibly wrapped as DiT's ``{"model", "ema", ...}``) load as they are;
 diffusers ``DiTTransformer2DModel`` state dicts are renamed by :func:`diffusers_to_dit_state_dict`. diffusers computes

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..base import WidthContext
+from ..context import WidthContext
 from .torch_prims import Primitives, sum_to
 
 __all__ = ["static_width", "dynamic_width", "depth", "stream_mix", "normed_linear", "projection_operands"]

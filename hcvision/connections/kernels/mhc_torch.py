@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..base import WidthContext
+from ..context import WidthContext
 from .functions import stream_mix
 from .torch_prims import Primitives
 

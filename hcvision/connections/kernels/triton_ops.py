@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..base import WidthContext
+from ..context import WidthContext
 from . import triton_kernels as K
 from .functions import stream_mix
 from .torch_prims import Primitives

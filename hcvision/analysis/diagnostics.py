@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
-from ..connections import FRAC_KINDS, HYPER_KINDS, Connection, hc_init_matrix
+from ..connections import HYPER_KINDS, Connection, hc_init_matrix
 from .capture import default_forward
 
 __all__ = ["connection_diagnostics", "stream_similarity", "composite_gain", "learned_connections"]
@@ -54,9 +54,9 @@ def composite_gain(res_maps: torch.Tensor) -> tuple[float, float]:
     prods = torch.empty_like(maps)
     prod = maps[-1]
     prods[-1] = prod
-    for l in range(maps.shape[0] - 2, -1, -1):  # P_l = P_{l+1} M_l, built from the end
-        prod = prod @ maps[l]
-        prods[l] = prod
+    for layer in range(maps.shape[0] - 2, -1, -1):  # P_l = P_{l+1} M_l, built from the end
+        prod = prod @ maps[layer]
+        prods[layer] = prod
     a = prods.abs()
     return a.sum(-1).max().item(), a.sum(-2).max().item()
 

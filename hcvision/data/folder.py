@@ -20,8 +20,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..cli import UsageError
 
-__all__ = ["SafeImageFolder", "SeededTransformDataset", "collate_skip_bad", "check_image_folder", "build_timm_transform",
-           "seeded_call", "probe_readable"]
+__all__ = ["SafeImageFolder", "SeededTransformDataset", "collate_skip_bad", "check_image_folder",
+           "build_timm_transform", "seeded_call", "probe_readable"]
 
 SPLITS = ("train", "val")
 

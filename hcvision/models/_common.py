@@ -12,8 +12,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from ..connections import FRAC_KINDS, Connection, build_connection, check_kind, check_rate
-from ..connections import static_connection_parameters
+from ..connections import FRAC_KINDS, Connection, build_connection, check_kind, check_rate, static_connection_parameters
 from ._registry import KIND_TITLES
 
 __all__ = ["connection_arguments", "block_connections", "scale_out_projections", "static_parameter_names",

@@ -31,8 +31,13 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..connections import expand_streams, reduce_streams
-from ._common import block_connections, connection_arguments, scale_out_projections, static_parameter_names
-from ._common import variant_title
+from ._common import (
+    block_connections,
+    connection_arguments,
+    scale_out_projections,
+    static_parameter_names,
+    variant_title,
+)
 from ._registry import register_variants, variant_cfgs
 from .convert import vit_checkpoint_filter_fn as checkpoint_filter_fn
 
@@ -231,7 +236,8 @@ def _size_cfg(size: str) -> Dict[str, Any]:
 
 def _describe(size: str, kind: str, rate: int) -> str:
     args = VIT_SIZES[size]
-    return f"ViT ({args['embed_dim']}-d, depth {args['depth']}, patch {args['patch_size']}) with {variant_title(kind, rate)}."
+    shape = f"{args['embed_dim']}-d, depth {args['depth']}, patch {args['patch_size']}"
+    return f"ViT ({shape}) with {variant_title(kind, rate)}."
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> HCVisionTransformer:

@@ -33,7 +33,8 @@ def zoo_rows(prefix: str) -> Iterable[tuple[str, list[tuple[int, int]]]]:
     """(architecture, [(params, extra vs _res) per connection variant]) for every registered architecture."""
     for arch in _architectures(prefix):
         base = count_parameters(f"{arch}_res")
-        yield arch, [(count, count - base) for count in (count_parameters(f"{arch}_{s}") for s, _, _ in CONNECTION_VARIANTS)]
+        counts = (count_parameters(f"{arch}_{s}") for s, _, _ in CONNECTION_VARIANTS)
+        yield arch, [(count, count - base) for count in counts]
 
 
 def _fmt(params: int, extra: int) -> str:

@@ -53,11 +53,14 @@ def main() -> None:
 
         entries[kind + ("/plain" if extra else "")] = step
     for f in entries.values():
-        f(); f()
+        f()
+        f()
     times = {k: [] for k in entries}
     for r in range(args.repeats):
         for k, f in entries.items():
-            t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
     base = statistics.median(times["residual"]) if "residual" in times else None
     for k, ts in times.items():
         med = statistics.median(ts)

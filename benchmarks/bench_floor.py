@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench_overhead import machine_info, time_interleaved, vit_workload  # noqa: E402
 
-from hcvision.io import atomic_write  # noqa: E402
 from hcvision.connections import build_connection, expand_streams  # noqa: E402
 from hcvision.connections.kernels import cpu_loops as _kernels  # noqa: E402
+from hcvision.io import atomic_write  # noqa: E402
 
 TARGETS = {"shc": 1.08, "dhc": 1.10, "dfc": 1.08, "mhc": 1.15}  # issue 7, ViT-S/16 b = 8, n = 4
 FUSED_FLOOR_COPIES = 3.0  # forward: read H twice, write H'; backward: read G and H, write grad H (each ~1/2 copy)
@@ -67,7 +67,8 @@ def primitives(M: int, n: int, C: int, compile_mix: bool) -> dict[str, callable]
         "torch.var_mean over C (not used)": lambda: torch.var_mean(H, dim=-1, correction=0),
         "E[x^2] and E[x] over C (as used)": lambda: (torch.linalg.vector_norm(Hf, dim=-1), Hf.mean(-1)),
     }
-    if _kernels.available(H, mix):  # the CPU loops the eager path uses (connections/kernels/cpu_loops.py, HCV_CPU_KERNELS=build)
+    # the CPU loops the eager path uses (connections/kernels/cpu_loops.py, HCV_CPU_KERNELS=build)
+    if _kernels.available(H, mix):
         ops["mix as the CPU loop (as used)"] = lambda: _kernels.mix_forward(H, mix)
         ops["mix backward: grad H and grad A in one CPU loop (as used)"] = lambda: _kernels.mix_backward(
             H, mix, y, H, need_H=True, need_mix=True)

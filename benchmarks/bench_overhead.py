@@ -25,7 +25,7 @@ wrapped around the *same* timm backbone, streams folded into the batch as that p
     python benchmarks/bench_overhead.py                      # full run (long: compiles every model)
     python benchmarks/bench_overhead.py --quick              # small batch, few repeats, no compile
     python benchmarks/bench_overhead.py --models vit --variants res,shc4,dhc4 --repeats 7 --out bench.json
-    python benchmarks/bench_overhead.py --models vit --activations-only --recompute   # act bytes, with/without recompute
+    python benchmarks/bench_overhead.py --models vit --activations-only --recompute   # act bytes, with and without
 """
 from __future__ import annotations
 
@@ -214,8 +214,8 @@ def saved_activation_bytes(model: nn.Module, wl: Workload, inputs: tuple,
                            breakdown: dict[str, list[int]] | None = None) -> int:
     """Bytes of the distinct storages autograd saves for backward (parameters and inputs excluded).
 
-    ``breakdown`` (if given) receives ``{storage shape: [count, bytes]}``: each distinct storage once, under the shape of
-    the first tensor saved from it (what is kept per sublayer, e.g. ``8x197x4x384`` = the n=4 streams of ViT-S b=8).
+    ``breakdown`` (if given) receives ``{storage shape: [count, bytes]}``: each distinct storage once, under the shape
+    of the first tensor saved from it (what is kept per sublayer, e.g. ``8x197x4x384`` = the n=4 streams of ViT-S b=8).
     """
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     skip |= {p.untyped_storage().data_ptr() for p in model.buffers()}
@@ -339,8 +339,8 @@ def run_workload(wl: Workload, args: argparse.Namespace) -> dict[str, Any]:
             breakdown: dict[str, list[int]] = {}
             act = saved_activation_bytes(m, wl, inputs, breakdown)
             peak = peak_step_bytes(m, wl, inputs) if args.peak else None
-            result["entries"][name] = {"act_bytes": act, "peak_bytes": peak, "saved_by_shape": {k: v for k, v in sorted(
-                breakdown.items(), key=lambda kv: -kv[1][1])}}
+            result["entries"][name] = {"act_bytes": act, "peak_bytes": peak, "saved_by_shape": dict(sorted(
+                breakdown.items(), key=lambda kv: -kv[1][1]))}
             print(f"  {name:12s} act {act / 2**20:8.1f} MiB" + (f"  peak {peak / 2**20:8.1f} MiB" if peak else ""),
                   flush=True)
         del models, entries
@@ -404,7 +404,8 @@ def markdown_activations(result: dict[str, Any], variants: list[str]) -> str:
                f"| {_ratio(rc, base)} |")
         if peak:
             rp = e.get(f"{v}+rc", {}).get("peak_bytes")
-            row += f" {_ratio(e[v].get('peak_bytes'), e['res'].get('peak_bytes'))} | {_ratio(rp, e['res'].get('peak_bytes'))} |"
+            res_peak = e["res"].get("peak_bytes")
+            row += f" {_ratio(e[v].get('peak_bytes'), res_peak)} | {_ratio(rp, res_peak)} |"
         lines.append(row)
     return "\n".join(lines)
 
@@ -458,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory", dest="memory", action="store_false")
     ap.add_argument("--recompute", action="store_true", help="also time/measure connection_options={'recompute': True}")
     ap.add_argument("--recompute-every", type=int, default=0,
-                    help="with --recompute: sublayers per stored segment input (L_r of mHC Eq. 20; 0 = library default)")
+                    help="with --recompute: sublayers per stored segment input (L_r of mHC Eq. 20; 0 = the default)")
     ap.add_argument("--activations-only", action="store_true",
                     help="only count saved activation bytes (exact, load-independent; no timing, peak or compile)")
     ap.add_argument("--peak", action="store_true",

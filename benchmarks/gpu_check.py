@@ -19,8 +19,8 @@ Sections (each printed as a table, all written to one JSON file):
    streams twice and writes them once in forward (width read, depth read + write) and does the same in backward, i.e.
    6 passes over ``n c`` fp32 values per token, of which a residual network already moves 6 passes over ``C`` (its
    own stream); the floor is ``1 + 6 (n c - C) 4 B tokens sublayers / bandwidth / residual step``;
-5. **end to end**: ``train_cls.py`` and ``train_dit.py`` as subprocesses for a few dozen steps with bf16 mixed precision:
-   exit 0, finite loss, weights written.
+5. **end to end**: ``train_cls.py`` and ``train_dit.py`` as subprocesses for a few dozen steps with bf16 mixed
+   precision: exit 0, finite loss, weights written.
 
 ``--dry-run`` runs every section on tiny shapes on the CPU (the digits models, a handful of steps, ``backend="torch"``
 instead of Triton unless ``TRITON_INTERPRET=1``, no compile, no bf16): what ``tests/test_gpu_check.py`` runs.
@@ -212,7 +212,8 @@ def time_models(device: torch.device, dry: bool, compile_: bool, rounds: int, st
         for _ in range(rounds):  # interleaved round-robin
             for e in entries.values():
                 e["times"].append(_time(lambda e=e: [e["fn"]() for _ in range(steps)], device) / steps)
-        res = {m: statistics.median(entries[f"res/{m}"]["times"]) for m in ("eager", "compiled") if f"res/{m}" in entries}
+        res = {m: statistics.median(entries[f"res/{m}"]["times"]) for m in ("eager", "compiled")
+               if f"res/{m}" in entries}
         peer_res = entries.get("peer-res/eager")
         for key, e in entries.items():
             med = statistics.median(e["times"])
@@ -230,8 +231,10 @@ def floors(timing: list[dict], device_info: dict, dry: bool) -> list[dict]:
         dim = model.embed_dim if hasattr(model, "embed_dim") else model.blocks[0].attn_conn.dim
         with torch.no_grad():
             inputs = _inputs(model, wl["kind"], 1, torch.device("cpu"))
-            tokens_per_image = (inputs[0].shape[-1] // model.patch_embed.patch_size[0]) ** 2 + 1 if wl["kind"] == "vit" \
-                else (model.input_size[0] // model.patch_size) ** 2
+            if wl["kind"] == "vit":
+                tokens_per_image = (inputs[0].shape[-1] // model.patch_embed.patch_size[0]) ** 2 + 1
+            else:
+                tokens_per_image = (model.input_size[0] // model.patch_size) ** 2
         sublayers = 2 * len(model.blocks)
         tokens = tokens_per_image * wl["batch"]
         res = next((r for r in timing if r["workload"] == title and r["variant"] == "res" and r["mode"] == "eager"),

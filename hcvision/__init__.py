@@ -6,5 +6,4 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import connections  # noqa: F401
-from . import models  # noqa: F401,E402  (registers the families with timm)
+from . import connections, models  # noqa: F401  (importing models registers the families with timm)

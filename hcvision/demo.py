@@ -1,8 +1,8 @@
 """``python -m hcvision.demo``: a Hyper-Connection ViT vs its residual twin on the embedded digits.
 
 Trains ``vit_digits_patch2_8_dhc2`` (DHC, expansion 2) and ``vit_digits_patch2_8_res`` with the
-same recipe and budget (the packaged recipes ``digits_dhc2`` / ``digits_res``) through ``hcvision.train_cls``, then prints the
-held-out top-1 of both side by side with the paths of their results.  CPU only, offline.
+same recipe and budget (the packaged recipes ``digits_dhc2`` / ``digits_res``) through ``hcvision.train_cls``, then
+prints the held-out top-1 of both side by side with the paths of their results.  CPU only, offline.
 
 The two runs go in parallel, one process per core with one intra-op thread each: for models this
 small that is faster than two threads per run, and it avoids OpenMP spin-waiting when cores are
@@ -58,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
 
-    print(f"Training on scikit-learn digits (1437 train / 360 held-out images), CPU, same budget for both:")
+    print("Training on scikit-learn digits (1437 train / 360 held-out images), CPU, same budget for both:")
     t0 = time.perf_counter()
     procs = {kind: _launch(kind, out, args.overrides) for _, kind in RUNS}
     for _, kind in RUNS:
@@ -98,7 +98,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{r['model']:34s} {label:>10s} {r['params']:8d} {r['top1']:6.2f}% {r['top5']:6.2f}% "
               f"{r['images_per_sec']:7.0f}")
     delta = results["dhc2"]["top1"] - results["res"]["top1"]
-    print(f"\nDHC x2 - residual: {delta:+.2f} top-1 points on 360 held-out digits ({results['res']['epochs']} epochs each, "
+    epochs = results["res"]["epochs"]
+    print(f"\nDHC x2 - residual: {delta:+.2f} top-1 points on 360 held-out digits ({epochs} epochs each, "
           f"{elapsed:.0f} s wall clock for both).")
     print("A single seed on 360 images: differences of a point or two are within run-to-run noise.")
     for _, kind in RUNS:

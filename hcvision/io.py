@@ -26,8 +26,9 @@ import torch
 from .cli import UsageError
 
 __all__ = [
-    "PathLike", "failpoint", "atomic_write", "write_bytes", "write_text", "write_json", "save_safetensors", "file_sha256",
-    "load_weights", "read_metadata", "unwrap_state_dict", "check_finite", "resolve_weights", "find_checkpoints",
+    "PathLike", "failpoint", "atomic_write", "write_bytes", "write_text", "write_json", "save_safetensors",
+    "file_sha256", "load_weights", "read_metadata", "unwrap_state_dict", "check_finite", "resolve_weights",
+    "find_checkpoints",
 ]
 
 PathLike = Union[str, os.PathLike]

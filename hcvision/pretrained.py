@@ -165,7 +165,7 @@ def _timm_file(spec: str) -> Optional[Path]:
     except RuntimeError:  # timm: "Invalid pretrained tag"
         cfg = None
     if cfg is None:
-        tags = [n for n in timm.list_pretrained(f"{spec.split('.')[0]}.*")][:6]
+        tags = list(timm.list_pretrained(f"{spec.split('.')[0]}.*"))[:6]
         raise UsageError(f"pretrained={spec!r}: timm has no such tag; tags of this model: {', '.join(tags) or 'none'}")
     if cfg.file:
         return Path(cfg.file)

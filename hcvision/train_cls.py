@@ -109,7 +109,8 @@ class ClsLoss:
         self.smoothing = cfg.smoothing
         self.skipped = 0
 
-    def __call__(self, model: torch.nn.Module, batch: Tuple[torch.Tensor, torch.Tensor, int]) -> Tuple[torch.Tensor, int]:
+    def __call__(self, model: torch.nn.Module, batch: Tuple[torch.Tensor, torch.Tensor, int]
+                 ) -> Tuple[torch.Tensor, int]:
         x, y, skipped = batch
         self.skipped += int(torch.as_tensor(skipped).sum())  # an int, or per sample (streams)
         if self.mixup is not None and len(y) % 2:  # timm's Mixup pairs samples: needs an even batch

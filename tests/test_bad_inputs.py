@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -231,7 +230,8 @@ CASES = [
     # -- generative evaluation ---------------------------------------------------------------------------------
     ("eval-gen-missing", EVAL, ["--gen", "{root}/nope.npz", "--ref", "{root}/images/val"], r"nope.npz"),
     ("eval-planted-inception", EVAL, ["--gen", "{root}/images/val/a", "--ref", "{root}/images/val/b",
-                                      "--inception-weights", "{root}/planted.pth.tar", "--no-prc", "--no-isc"], r"planted"),
+                                      "--inception-weights", "{root}/planted.pth.tar", "--no-prc", "--no-isc"],
+     r"planted"),
     ("eval-out-under-file", EVAL, ["--gen", "{root}/images/val/a", "--ref", "{root}/images/val/b", "--out",
                                    "{root}/a_file/r.json", "--feature-extractor", "hcv-digits", "--weights",
                                    "{root}/vit.safetensors"], r"a_file"),

@@ -28,8 +28,8 @@ def test_recompute_activation_target_at_n4(tmp_path):
     """Issue 7: with the opt-in recompute, bytes saved for backward at n = 4 stay within 1.10x of the residual ViT-S/16;
     without it they are well above (so the count sees the streams at all)."""
     out = tmp_path / "act.json"
-    rc = bench_overhead.main(["--models", "vit", "--variants", "res,shc4,mhc4,dfc4", "--activations-only", "--recompute",
-                              "--batch", "1", "--no-peer", "--out", str(out)])
+    rc = bench_overhead.main(["--models", "vit", "--variants", "res,shc4,mhc4,dfc4", "--activations-only",
+                              "--recompute", "--batch", "1", "--no-peer", "--out", str(out)])
     assert rc == 0
     entries = json.loads(out.read_text())["results"][0]["entries"]
     res = entries["res"]["act_bytes"]

@@ -24,7 +24,8 @@ FAST = ["epochs=1", "max_steps=6", "log_every=2", "tensorboard=false"]
 
 
 def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return dict(os.environ, OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
 
 
 def _compare(*args: str) -> subprocess.CompletedProcess:
@@ -161,7 +162,8 @@ def test_report_pairs_within_the_same_grid_context(tmp_path):
 
     def run(kind, lr, seed, top1):
         cell = {"variant": f"{kind} lr={lr}", "kind": kind, "context": f"lr={lr}", "seed": seed}
-        return Run(tmp_path, {"top1": top1}, {}, cell, {"train/loss": [(1, 1.0)]}, cell["variant"], kind, cell["context"])
+        return Run(tmp_path, {"top1": top1}, {}, cell, {"train/loss": [(1, 1.0)]}, cell["variant"], kind,
+                   cell["context"])
 
     runs = [run("res", 1, 0, 90.0), run("res", 1, 1, 91.0), run("res", 2, 0, 50.0), run("res", 2, 1, 52.0),
             run("dhc2", 1, 0, 92.0), run("dhc2", 1, 1, 92.5), run("dhc2", 2, 0, 51.0), run("dhc2", 2, 1, 51.0)]
@@ -181,9 +183,9 @@ def test_emit_commands_and_slurm_array(tmp_path, monkeypatch, capsys):
     base = ["run", "--config", CONFIG, "--kinds", "res,shc2", "--seeds", "0-1", "--out", str(out), *FAST]
     assert main([*base, "--emit", "commands"]) == 0
     spec = build_spec(CONFIG, out=str(out), kinds="res,shc2", seeds="0-1", overrides=FAST)
-    lines = [l for l in (out / "commands.sh").read_text().splitlines() if not l.startswith("#")]
+    lines = [line for line in (out / "commands.sh").read_text().splitlines() if not line.startswith("#")]
     assert lines == [c.shell_line for c in spec.cells] and len(lines) == 4
-    assert all("resume=auto" in l and "results.json ] ||" in l and "OMP_NUM_THREADS=1" in l for l in lines)
+    assert all("resume=auto" in line and "results.json ] ||" in line and "OMP_NUM_THREADS=1" in line for line in lines)
     assert subprocess.run(["bash", "-n", str(out / "commands.sh")]).returncode == 0
     # The runs get their labels now, so aggregating cluster output labels them like the local runner does.
     assert json.loads((spec.cells[3].run_dir / "cell.json").read_text())["variant"] == "shc2"

@@ -66,7 +66,8 @@ def _direct_hc(conn: HyperConnection, H: torch.Tensor, branch) -> torch.Tensor:
             s_b = conn.dynamic_beta_scale.detach().item()
             act = torch.tanh if conn.use_tanh else (lambda v: v)
             for i in range(n):
-                hn = F.layer_norm(Ht[i], (Ht.shape[-1],), conn.norm.weight.detach(), conn.norm.bias.detach(), conn.norm.eps)
+                norm = conn.norm
+                hn = F.layer_norm(Ht[i], (Ht.shape[-1],), norm.weight.detach(), norm.bias.detach(), norm.eps)
                 B[i] = B[i] + s_b * act(hn @ W_b)  # Eq. 11
                 for j in range(k):
                     A[i, j] = A[i, j] + s_a * act(hn @ W_in[:, j])  # Eq. 12

@@ -1,11 +1,10 @@
 """Every optimised (fused) connection path against the plain reference path: forward and gradients, float64.
 
-The plain path (``backend="reference"``) is the one ``tests/test_connections.py`` checks against the papers' formulas, so
-agreement here carries those checks over to the fast path. No timing here (benchmarks/ does that).
+The plain path (``backend="reference"``) is the one ``tests/test_connections.py`` checks against the papers' formulas,
+so agreement here carries those checks over to the fast path. No timing here (benchmarks/ does that).
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -43,7 +42,7 @@ def _pair(kind: str, rate: int, seed: int, backend: str = "torch", **options):
 
 def _run(conn, H, w1, w2, upstream):
     """Forward through the connection around a Pre-Norm MLP branch; return output and all gradients."""
-    params = [p for p in conn.parameters()]
+    params = list(conn.parameters())
     branch = lambda h: F.gelu(F.layer_norm(h, (h.shape[-1],)) @ w1.T) @ w2.T  # noqa: E731
     out = conn(H, branch)
     grads = torch.autograd.grad((out * upstream).sum(), [H, w1, w2, *params], allow_unused=True)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import Result, Runner  # `runner`: the session fixture in conftest.py
 from safetensors.torch import load_file
 
-from cli_runner import Result, Runner  # `runner`: the session fixture in conftest.py
 from hcvision.io import find_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hcvision.cli import UsageError as ConfigError
 from hcvision.data import (
     DigitsDataset,
     SafeImageFolder,
@@ -16,7 +17,6 @@ from hcvision.data import (
     collate_skip_bad,
     digits_split_indices,
 )
-from hcvision.cli import UsageError as ConfigError
 
 
 def test_digits_split_fixed_stratified_disjoint():

@@ -237,7 +237,8 @@ def test_each_process_streams_its_own_shards(tmp_path):
     assert counts == [N_TRAIN // 4] * 3 and len(errors) == 1
     assert "of 4 found no readable sample in its shards" in errors[0]
     stream, _ = wds_dataset(parse_data(f"wds/{uneven}"), "train", None, training=True)
-    with pytest.raises(UsageError, match=r"3 shard\(s\) cannot feed 2 process\(es\) x 2 loader worker\(s\).*at least 4"):
+    with pytest.raises(UsageError,
+                       match=r"3 shard\(s\) cannot feed 2 process\(es\) x 2 loader worker\(s\).*at least 4"):
         stream.configure(batch_size=16, num_workers=2, rank=0, world_size=2)
     with pytest.raises(UsageError, match=r"3 shard\(s\) cannot feed 1 process\(es\) x 4 loader worker\(s\)"):
         make_loader(stream, 16, train=True, num_workers=4)  # one process: a worker without a shard is refused too
@@ -271,6 +272,7 @@ def test_wds_two_processes_read_their_shards_and_resume_exactly(tmp_path):
     full, split = _results(tmp_path / "full"), _results(tmp_path / "split")
     assert full["num_processes"] == 2 and full["per_device_batch"] == 16
     assert (full["global_step"], full["images_seen"], full["num_samples"]) == (2 * N_TRAIN // 32, 2 * N_TRAIN, N_VAL)
-    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "split" / "model.safetensors"))
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert split["top1"] == full["top1"]

@@ -37,9 +37,9 @@ def _reference(model) -> dict:
     dist = [np.sqrt(((a - np.eye(n)) ** 2).sum()) for a in a_r]
     gains_f, gains_b = [], []
     L = len(a_r)
-    for l in range(L):  # P_l = A_r^{L T} ... A_r^{l T}: streams carried from sublayer l to the end
+    for layer in range(L):  # P_l = A_r^{L T} ... A_r^{l T}: streams carried from sublayer l to the end
         P = np.eye(n)
-        for t in range(l, L):
+        for t in range(layer, L):
             P = a_r[t].T @ P
         gains_f.append(np.abs(P).sum(1).max())
         gains_b.append(np.abs(P).sum(0).max())

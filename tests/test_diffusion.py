@@ -7,10 +7,9 @@ import mpmath
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from scipy import stats
 from torch.distributions import Normal, kl_divergence
-
-from diffusers import DDPMScheduler
 
 from hcvision.diffusion import (
     SCHEDULERS,

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
 from safetensors.torch import save_file
 

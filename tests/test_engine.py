@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import pytest
 import torch
 
+from hcvision.cli import UsageError
 from hcvision.engine import (
     BaseTrainConfig,
     CheckpointManager,
@@ -28,9 +29,8 @@ from hcvision.engine import (
     steps_per_epoch,
 )
 from hcvision.engine.config import checked, load_yaml
-from hcvision.cli import UsageError
-from hcvision.io import load_weights, save_safetensors, write_json
 from hcvision.eval.classification import TopKAccumulator, topk_accuracy, topk_correct, topk_hits
+from hcvision.io import load_weights, save_safetensors, write_json
 
 
 @dataclass

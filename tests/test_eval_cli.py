@@ -1,4 +1,5 @@
-"""Bad input to ``python -m hcvision.eval.generative``: exit 2, one line naming the problem, nothing computed or written.
+"""Bad input to ``python -m hcvision.eval.generative``: exit 2, one line naming the problem, nothing computed or
+written.
 
 Every case runs the CLI's entry point (``run_cli(main)``) in a process of its own: one driver process imports
 hcvision once and forks a child per case (a fresh interpreter per case would cost ~7 s of CPU each), with its stderr in

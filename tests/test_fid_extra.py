@@ -109,7 +109,8 @@ def test_sfid_matches_adm_definition_and_scipy(inception_weights, sets, stats): 
     gen, ref = stats
     assert gen.spatial.mu.shape == (17 * 17 * 7,) and gen.spatial.feature_extractor.endswith(SPATIAL_FEATURE)
     # Features: hcvision's extractor vs a hook on torch-fidelity's own network at Mixed_6d.branch1x1, NHWC[..., :7].
-    ext = SafeInceptionV3(INCEPTION_EXTRACTOR, ["2048", SPATIAL_FEATURE], feature_extractor_weights_path=inception_weights)
+    ext = SafeInceptionV3(INCEPTION_EXTRACTOR, ["2048", SPATIAL_FEATURE],
+                          feature_extractor_weights_path=inception_weights)
     state, _, _ = load_inception_state_dict(inception_weights)
     import io
 
@@ -168,8 +169,8 @@ def test_frechet_distance_equals_scipy_on_full_rank_moments():
 
 
 @pytest.mark.slow
-def test_reference_stats_cache_every_feature_set_and_refuse_other_weights(inception_weights, dinov2_weights, sets,
-                                                                          stats, tmp_path):  # noqa: F811
+def test_reference_stats_cache_every_feature_set_and_refuse_other_weights(
+        inception_weights, dinov2_weights, sets, stats, tmp_path):  # noqa: F811  (the fixture imported above)
     gen, ref = stats
     kw = dict(weights_path=inception_weights, dinov2_weights=dinov2_weights[0], device="cpu")
     path = save_stats(tmp_path / "ref.npz", ref)

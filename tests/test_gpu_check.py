@@ -41,6 +41,7 @@ def test_gpu_check_refuses_without_cuda(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the full check would run")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path / "x.json")],
+    script = str(ROOT / "benchmarks" / "gpu_check.py")
+    proc = subprocess.run([sys.executable, script, "--out", str(tmp_path / "x.json")],
                           cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
     assert proc.returncode == 2 and "--dry-run" in proc.stderr and not (tmp_path / "x.json").exists()

@@ -159,7 +159,8 @@ def _floor(module: str) -> int | None:
     return max(matches)[1] if matches else None
 
 
-@pytest.mark.parametrize("lower,upper", [("hcvision.diffusion", "hcvision.eval"), ("hcvision.eval", "hcvision.diffusion")])
+@pytest.mark.parametrize("lower,upper", [("hcvision.diffusion", "hcvision.eval"),
+                                         ("hcvision.eval", "hcvision.diffusion")])
 def test_diffusion_and_eval_do_not_import_each_other(lower, upper):
     """Training-side diffusion code and the evaluation share a floor: neither leans on the other (the REPA encoder
     and the FD-DINOv2 features load through hcvision.models.loading)."""

@@ -256,7 +256,8 @@ def test_hfds_source_extracts_what_the_folder_gives(tmp_path, image_folder, monk
     rows = {"image": [{"bytes": Path(p).read_bytes(), "path": None} for p, _ in folder.samples],
             "label": [y for _, y in folder.samples]}
     (tmp_path / "hf" / "data").mkdir(parents=True)
-    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "hf/data/train-00000-of-00001.parquet"))
+    parquet = tmp_path / "hf/data/train-00000-of-00001.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(parquet))
     settings = ExtractionSettings(vae="none", image_size=SIZE, shard_size=4)
     a = extract_latents(image_folder, tmp_path / "from_folder", settings, progress=False)
     b = extract_latents(f"hfds/{tmp_path / 'hf'}", tmp_path / "from_hfds", settings, split="train",

@@ -1,8 +1,8 @@
 """The fused mHC coefficient path (analytic Sinkhorn and RMS-projection backwards) against plain autograd, float64.
 
 ``tests/test_connections_fast.py`` compares whole fused and plain connections; this file checks the two autograd
-Functions of ``hcvision/connections/kernels/mhc_torch.py`` on their own, at spreads and iteration counts where a wrong backward
-would show, plus autocast and what the Sinkhorn Function keeps for backward. No timing here.
+Functions of ``hcvision/connections/kernels/mhc_torch.py`` on their own, at spreads and iteration counts where a wrong
+backward would show, plus autocast and what the Sinkhorn Function keeps for backward. No timing here.
 """
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import pytest
 import torch
 
 from hcvision.connections import build_connection, sinkhorn_knopp
-from hcvision.connections.kernels.mhc_torch import (_RMSProjection, _SinkhornKnopp, mhc_coefficients,
-                                                     sinkhorn_knopp_fused)
+from hcvision.connections.kernels.mhc_torch import (
+    _RMSProjection,
+    _SinkhornKnopp,
+    mhc_coefficients,
+    sinkhorn_knopp_fused,
+)
 
 DIM = 6
 

@@ -1,6 +1,7 @@
 """Pretrained loading that adapts like timm: another ``num_classes`` (fresh head) or ``in_chans`` (timm's first-conv
 adaptation) from a vanilla or hcvision checkpoint, for every connection kind; wrong checkpoints still name their
-tensors; timm ``train.py`` checkpoints load safely through timm's path and through ``hcvision.io`` and ``hcvision.models.loading``."""
+tensors; timm ``train.py`` checkpoints load safely through timm's path and through ``hcvision.io`` and
+``hcvision.models.loading``."""
 from __future__ import annotations
 
 import argparse
@@ -186,7 +187,7 @@ def test_checkpoint_with_foreign_objects_is_refused_unopened(tmp_path):
 
 
 def test_load_model_requires_an_exact_fit(tmp_path, vanilla_tiny):
-    """hcvision.models.loading.load_model rebuilds a model as recorded: no head reset, a head of another size is named."""
+    """``load_model`` rebuilds a model as recorded: no head reset, a head of another size is named."""
     _, path = vanilla_tiny
     model, _ = load_model(path, model_name="vit_tiny_patch16_224_sfc2", model_kwargs=dict(depth=DEPTH))
     assert model.head.weight.shape == (1000, 192)

@@ -19,8 +19,8 @@ import hcvision.models.dit  # noqa: F401  (registers the DiT names)
 from hcvision.cli import run_cli
 from hcvision.diffusion import sample as diffusion_sample
 from hcvision.diffusion import sampling_metadata
-from hcvision.sampling_spec import SamplingSpec
 from hcvision.sample import class_labels, generate, main, make_grid, sample_seed
+from hcvision.sampling_spec import SamplingSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(embed_dim=32, depth=2, num_heads=2)

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from safetensors.torch import load_file, save_file
 
 from hcvision import train_cls
@@ -58,11 +57,11 @@ def test_outputs_results_and_timm_loadable_weights(tmp_path, capsys):
     assert (out / "model_ema.safetensors").is_file()
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert len(ckpts) == 2 and all(c.startswith("step_") for c in ckpts)  # keep_checkpoints prunes older ones
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any("train/loss" in l for l in lines) and any("val/ema_top1" in l for l in lines)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in line for line in lines) and any("val/ema_top1" in line for line in lines)
     assert lines[0]["world_size"] == 1 and lines[0]["per_device_batch"] == res["per_device_batch"]
     # Connection diagnostics every log_every steps: the static matrices moved away from their Pre-Norm init.
-    diag = [l for l in lines if "conn/width_dist_mean" in l]
+    diag = [line for line in lines if "conn/width_dist_mean" in line]
     assert diag and diag[-1]["conn/width_dist_mean"] > 0 and "conn/composite_gain_fwd" in diag[-1]
     prov = res["provenance"]
     assert prov["seed"] == 0 and torch.__version__.startswith(prov["packages"]["torch"])

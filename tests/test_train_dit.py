@@ -16,9 +16,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hcvision.engine import parse_config
-
 from hcvision import train_dit
+from hcvision.engine import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model_kwargs.embed_dim=32", "model_kwargs.depth=2", "model_kwargs.num_heads=2", "progress_bar=false",
@@ -74,8 +73,8 @@ def test_train_sample_and_score_end_to_end(tmp_path, classifier, capsys):
     assert res["cls_acc"] == pytest.approx(cls_acc(images, [i % 10 for i in range(20)], weights_path=clf_path))
     grid = np.asarray(Image.open(out / "samples" / "grid.png"))
     assert grid.shape[0] == 10 * (32 + 2) + 2  # one row per class (8x8 digits enlarged to 32 px)
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines if "train/lr" in l] == [1, 2, 3, 4]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "train/lr" in line] == [1, 2, 3, 4]
     # FID without guidance beside the guided one: the same seeds sampled at guidance scale 1
     with np.load(out / "samples_unguided" / "samples.npz") as d:
         unguided = d["arr_0"]
@@ -256,6 +255,6 @@ def test_two_process_training_with_torchrun(tmp_path, classifier):
     assert res["num_processes"] == 2 and res["global_step"] == 3 and np.isfinite(res["fid"])
     with np.load(out / "samples" / "samples.npz") as d:
         assert d["arr_1"].tolist() == [i % 10 for i in range(10)]
-    losses = [json.loads(l)["train/loss"] for l in (out / "metrics.jsonl").read_text().splitlines()
-              if "train/lr" in json.loads(l)]
+    losses = [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "train/lr" in json.loads(line)]
     assert len(losses) == 3 and all(np.isfinite(losses))

@@ -14,12 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import hcvision.models.dit  # noqa: F401  (registers the DiT names)
+from hcvision import train_dit
 from hcvision.cli import run_cli
 from hcvision.diffusion import DiffusionLoss, make_objective
 from hcvision.diffusion.repa import REPA, alignment_loss
 from hcvision.engine import parse_config
-
-from hcvision import train_dit
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model_kwargs.embed_dim=32", "model_kwargs.depth=2", "model_kwargs.num_heads=2", "progress_bar=false",

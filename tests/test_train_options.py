@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hcvision import train_cls
-from hcvision import train_dit
+from hcvision import train_cls, train_dit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -216,7 +216,8 @@ def test_checkpoint_of_another_size_names_tensors(tmp_path):
     other = VisionTransformer(**dict(VIT_SIZES["vit_digits_patch2_8"], embed_dim=32, num_heads=2))
     path = tmp_path / "other.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
-    with pytest.raises(ValueError, match=r"mismatched shapes: .*cls_token: checkpoint \(1, 1, 32\) vs model \(1, 1, 64\)"):
+    with pytest.raises(ValueError,
+                       match=r"mismatched shapes: .*cls_token: checkpoint \(1, 1, 32\) vs model \(1, 1, 64\)"):
         timm.create_model("vit_digits_patch2_8_shc2", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
 

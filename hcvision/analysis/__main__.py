@@ -53,7 +53,7 @@ def _folder(model: torch.nn.Module, root: Path) -> tuple[Any, list[str]]:
 
 
 def load_images(model: torch.nn.Module, data: str, num_images: int, seed: int = 0):
-    """``(images, labels, class_names)``: ``num_images`` samples drawn with ``seed`` from ``digits`` or an ImageFolder."""
+    """``(images, labels, class_names)``: ``num_images`` samples drawn with ``seed`` from digits or an ImageFolder."""
     if num_images < 1:
         raise UsageError(f"--num-images must be >= 1, got {num_images}")
     gen = torch.Generator().manual_seed(seed)
@@ -80,7 +80,8 @@ def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
     try:
         return [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
-        raise UsageError(f"--classes {text!r} is not valid; accepted: comma-separated class indices, e.g. 0,3,7") from None
+        raise UsageError(f"--classes {text!r} is not valid; accepted: comma-separated class indices, e.g. 0,3,7"
+                         ) from None
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -89,7 +90,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="safetensors weights (default: the fresh init)")
     p.add_argument("--data", default="digits", help="'digits' (embedded) or an ImageFolder directory")
     p.add_argument("--num-images", type=int, default=256)
-    p.add_argument("--classes", default=None, help="classes for the weight distributions (default: 3 drawn with --seed)")
+    p.add_argument("--classes", default=None,
+                   help="classes for the weight distributions (default: 3 drawn with --seed)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per batch for dynamic unfolding (default all)")
     p.add_argument("--seed", type=int, default=0)
@@ -99,8 +101,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def analyse(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the analysis the command line describes; returns the report written to ``analysis.json``."""
-    from . import (connection_matrix, connection_weights, layer_similarity, plot_connection_matrix,
-                   plot_layer_similarity, plot_unfolded, plot_weight_distributions)
+    from . import (
+        connection_matrix,
+        connection_weights,
+        layer_similarity,
+        plot_connection_matrix,
+        plot_layer_similarity,
+        plot_unfolded,
+        plot_weight_distributions,
+    )
 
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -123,7 +132,7 @@ def analyse(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             pick = torch.randperm(len(present), generator=torch.Generator().manual_seed(args.seed))[:3]
             classes = sorted(present[i] for i in pick.tolist())
         dist = connection_weights(model, images, labels, classes=classes, batch_size=args.batch_size,
-                                  class_names={i: n for i, n in enumerate(names)})
+                                  class_names=dict(enumerate(names)))
         files.append(plot_weight_distributions(dist, out / "weights.png", title=f"{dist.layer_name} of {label}"))
         weights = dist.summary()
     report = {

@@ -141,7 +141,8 @@ def captured_chunks(
     """Run ``forward(model, chunk)`` in eval mode for each ``batch_size`` chunk of ``images`` and yield
     ``(chunk, capture)``; the model's training mode is restored afterwards, also after an error.
 
-    ``capture_options`` go to :func:`capture_connections`. A forward pass that calls no connection raises ``ValueError``.
+    ``capture_options`` go to :func:`capture_connections`. A forward pass that calls no connection raises
+    ``ValueError``.
     """
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")

@@ -75,7 +75,7 @@ def unfold_matrices(
         num_inputs: ``k``, the branch-input slots (1 for HC kinds, ``m`` for FC).
 
     Returns:
-        ``blocks`` ``(T, L+2, L+2, k, k)``: ``blocks[:, a, b]`` = ``c_ab`` of the module docstring (zero for ``b >= a``);
+        ``blocks`` ``(T, L+2, L+2, k, k)``: ``blocks[:, a, b]`` = ``c_ab`` of the module docstring (0 for ``b >= a``);
         ``hyper`` ``(T, L+2, L+2, k, n)``: ``hyper[:, a, b]`` = ``W^b prod_{t=b+1}^{a} A_r^t`` (Eq. 29 before taking
         stream ``i``), row ``L+1`` being the last streams (``A_r^{L+1} = I``).
     """

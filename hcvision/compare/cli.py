@@ -112,7 +112,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
           f"failed; {elapsed:.0f} s wall clock with --jobs {args.jobs}. Report: {spec.out / 'summary.md'}")
     del report
     if outcome.interrupted:
-        print(f"interrupted: run the same command again to resume", file=sys.stderr)
+        print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
     if outcome.failed:
         for idx, code in outcome.failed.items():

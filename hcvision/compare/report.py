@@ -171,8 +171,8 @@ def paired_difference(a: Dict[int, float], b: Dict[int, float], level: float = 0
 
     seeds = sorted(set(a) & set(b))
     d = [a[s] - b[s] for s in seeds]
-    out: Dict[str, Any] = {"seeds": seeds, "n": len(d), "diffs": d, **{k: math.nan for k in
-                                                                      ("mean", "sd", "lo", "hi", "t", "p")}}
+    out: Dict[str, Any] = {"seeds": seeds, "n": len(d), "diffs": d,
+                           **dict.fromkeys(("mean", "sd", "lo", "hi", "t", "p"), math.nan)}
     if not d:
         return out
     desc = describe(d)
@@ -193,7 +193,7 @@ def holm(pvalues: Dict[str, float]) -> Dict[str, float]:
     """Holm's step-down adjusted p-values (NaN entries stay NaN and do not count as tests)."""
     valid = sorted(((p, k) for k, p in pvalues.items() if not math.isnan(p)))
     m = len(valid)
-    out = {k: math.nan for k in pvalues}
+    out = dict.fromkeys(pvalues, math.nan)
     running = 0.0
     for i, (p, k) in enumerate(valid):
         running = max(running, min(1.0, (m - i) * p))

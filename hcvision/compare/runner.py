@@ -16,12 +16,12 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from tqdm.auto import tqdm
 
-from ..provenance import run_provenance
 from ..io import write_json
+from ..provenance import run_provenance
 from .spec import Cell
 
 __all__ = ["RunOutcome", "run_cells", "is_finished", "has_checkpoint"]

@@ -226,7 +226,6 @@ def build_spec(
 ) -> Spec:
     """Parse and validate everything; raises :class:`SpecError` before anything is written."""
     from hcvision.engine import ConfigError, check_model_name, load_yaml
-
     from hcvision.resources import resolve_recipe
 
     try:

@@ -139,7 +139,8 @@ def build_connection(kind: str, dim: int, rate: int = 1, layer_index: int = 0, *
             raise ValueError(f"fused must be True or False, got {fused!r}")
         if not fused:
             if options.get("backend", "reference") != "reference":
-                raise ValueError(f"fused=False means backend='reference'; it contradicts backend={options['backend']!r}")
+                raise ValueError(f"fused=False means backend='reference'; it contradicts "
+                                 f"backend={options['backend']!r}")
             options["backend"] = "reference"
     return record.build(dim, rate, layer_index, **options)
 

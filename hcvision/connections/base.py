@@ -119,7 +119,8 @@ class Connection(nn.Module):
         self.kind = check_kind(kind)
         self.rate = check_rate(self.kind, rate, dim)
         if isinstance(layer_index, bool) or not isinstance(layer_index, int) or layer_index < 0:
-            raise ValueError(f"layer_index must be a non-negative integer (the sublayer's position), got {layer_index!r}")
+            raise ValueError(f"layer_index must be a non-negative integer (the sublayer's position), got "
+                             f"{layer_index!r}")
         if not isinstance(recompute, bool):
             raise ValueError(f"recompute must be True or False, got {recompute!r}")
         if isinstance(recompute_every, bool) or not isinstance(recompute_every, int) or recompute_every < 1:
@@ -213,7 +214,8 @@ class Connection(nn.Module):
         beta = beta.float()
         lead = torch.broadcast_shapes(mix.shape[:-2], beta.shape[:-1])
         mix = mix.expand(*lead, *mix.shape[-2:])
-        top = torch.cat([mix.new_zeros(*lead, 1, self.num_inputs), beta.expand(*lead, beta.shape[-1]).unsqueeze(-2)], -1)
+        beta_row = beta.expand(*lead, beta.shape[-1]).unsqueeze(-2)
+        top = torch.cat([mix.new_zeros(*lead, 1, self.num_inputs), beta_row], -1)
         return torch.cat([top, mix], dim=-2)
 
     def static_coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +242,7 @@ class Connection(nn.Module):
 
 
 def _mix_streams(H: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-    """``out[..., j, :] = sum_i mix[..., i, j] * H[..., i, :]`` for a static ``(n, j)`` or per-token ``(..., n, j)`` mix."""
+    """``out[..., j, :] = sum_i mix[..., i, j] * H[..., i, :]``; ``mix`` is ``(n, j)`` or per token ``(..., n, j)``."""
     mix = mix.to(H.dtype)
     if mix.dim() == 2:
         return torch.einsum("...ic,ij->...jc", H, mix)

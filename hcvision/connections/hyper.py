@@ -139,7 +139,8 @@ class HyperConnection(Connection):
         n, k = self.num_streams, self.num_inputs
         expected = (1 + n, k + n)
         if tuple(matrix.shape) != expected:
-            raise ValueError(f"connection matrix must have shape {expected} for {self.kind}x{n}, got {tuple(matrix.shape)}")
+            raise ValueError(f"connection matrix must have shape {expected} for {self.kind}x{n}, got "
+                             f"{tuple(matrix.shape)}")
         self.static_beta.copy_(matrix[0, k:])
         self.static_alpha.copy_(matrix[1:, :])
 

@@ -11,8 +11,8 @@ For streams ``x`` of shape ``(n, C)`` (one token)::
 
 In the HC notation of :class:`~hcvision.connections.base.Connection`: ``A_m = H_pre^T``, ``A_r = H_res^T``,
 ``B = H_post``. The three projections are one fused ``(n*C, 2n + n^2)`` matmul, and the RMS normalisation is applied
-after it (a per-token scalar), which is the same function and saves a pass over ``n*C``. The coefficients are computed in
-fp32 even under autocast.
+after it (a per-token scalar), which is the same function and saves a pass over ``n*C``. The coefficients are computed
+in fp32 even under autocast.
 
 Init (the paper leaves ``b`` and ``phi`` open; ours, chosen to start at the identity map):
 

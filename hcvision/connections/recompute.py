@@ -11,8 +11,8 @@ What is kept here, per sublayer ``l`` (width ``h_l = A_in^T H_l``, depth ``H_{l+
 
 * the branch output ``y_l`` (``C`` per token; the residual network keeps its own stream ``x_l`` instead, so this costs
   nothing extra);
-* ``H_l`` only at a segment start (every ``recompute_every`` sublayers; the first one is ``expand_streams(x)``, a view of
-  the embedding, which the residual network keeps anyway);
+* ``H_l`` only at a segment start (every ``recompute_every`` sublayers; the first one is ``expand_streams(x)``, a view
+  of the embedding, which the residual network keeps anyway);
 * nothing else stream- or coefficient-sized: the branch input ``h_l``, which the branch's Pre-Norm would save, is
   replaced by a recompute marker through ``saved_tensors_hooks`` (composed with any hooks already active), and the
   dynamic coefficients (DHC Eqs. 10-13, mHC Eqs. 7-9) are recomputed from ``H_l``.

@@ -28,8 +28,8 @@ def check_input_size(model: torch.nn.Module, img_size: int) -> None:
     name = model.pretrained_cfg.get("architecture", type(model).__name__)
     embed = getattr(model, "patch_embed", None)
     fixed = tuple(getattr(embed, "img_size", None) or ())
-    if img_size and fixed and getattr(embed, "strict_img_size", True) and not getattr(embed, "dynamic_img_size", False) \
-            and (img_size, img_size) != fixed:
+    strict = getattr(embed, "strict_img_size", True) and not getattr(embed, "dynamic_img_size", False)
+    if img_size and fixed and strict and (img_size, img_size) != fixed:
         raise UsageError(f"img_size={img_size} does not fit model={name!r}, "
                          f"which takes {fixed[0]}x{fixed[1]} images; accepted: img_size=0 (the model's size), "
                          f"img_size={fixed[0]}, or model_kwargs.img_size={img_size} / "

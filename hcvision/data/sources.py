@@ -310,5 +310,6 @@ def make_loader(dataset: Any, batch_size: int, *, train: bool, num_workers: int 
     if not train and collate is collate_skip_bad:
         collate = partial(collate_skip_bad, keep_size=True)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and not isinstance(dataset, IterableDataset),
-                      drop_last=train, num_workers=num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available())
+                      drop_last=train, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=torch.cuda.is_available())
 

@@ -1,4 +1,4 @@
-"""REPA: representation alignment of a DiT's hidden tokens with a frozen vision encoder (Yu et al. 2025, arXiv:2410.06940).
+"""REPA: representation alignment of a DiT's hidden tokens with a frozen vision encoder (Yu et al. 2025, 2410.06940).
 
 REPA adds ``lambda * L_REPA`` to the diffusion loss (Eq. 8), with (Eq. 7)::
 

@@ -25,19 +25,45 @@ training; everything else is here. In outline::
 global RNGs from (seed, step, rank), so dropout/noise/timestep draws resume exactly.
 """
 from ..models.loading import check_model_name
-from .accel import build_accelerator, per_device_batch_size, release_accelerator, reseed_for_step, seed_everything, step_seed
+from .accel import (
+    build_accelerator,
+    per_device_batch_size,
+    release_accelerator,
+    reseed_for_step,
+    seed_everything,
+    step_seed,
+)
 from .checkpoint import CheckpointManager, TrainState, check_output_dir, validate_resume
-from .config import BaseTrainConfig, ConfigError, checked, require, coerce_value, config_to_dict, load_yaml, parse_config, save_config
+from .config import (
+    BaseTrainConfig,
+    ConfigError,
+    checked,
+    coerce_value,
+    config_to_dict,
+    load_yaml,
+    parse_config,
+    require,
+    save_config,
+)
 from .ema import create_ema, ema_state_dict, load_ema_state_dict
 from .logging import MetricsLogger, ProgressBar, ThroughputMeter
-from .loop import FitResult, NonFiniteLossError, SignalGuard, Trainer, build_optimizer, fit_to_exit_code, lr_factor, steps_per_epoch
+from .loop import (
+    FitResult,
+    NonFiniteLossError,
+    SignalGuard,
+    Trainer,
+    build_optimizer,
+    fit_to_exit_code,
+    lr_factor,
+    steps_per_epoch,
+)
 from .run import Run, train_main
 
 __all__ = [
-    "BaseTrainConfig", "ConfigError", "checked", "require", "check_model_name", "coerce_value", "config_to_dict", "load_yaml", "parse_config",
-    "save_config", "build_accelerator", "release_accelerator", "per_device_batch_size", "reseed_for_step",
-    "seed_everything", "step_seed", "CheckpointManager", "TrainState", "check_output_dir", "validate_resume",
-    "create_ema", "ema_state_dict", "load_ema_state_dict", "MetricsLogger", "ProgressBar", "ThroughputMeter",
-    "FitResult", "fit_to_exit_code", "NonFiniteLossError", "SignalGuard", "Trainer", "build_optimizer", "lr_factor",
-    "steps_per_epoch", "Run", "train_main",
+    "BaseTrainConfig", "ConfigError", "checked", "require", "check_model_name", "coerce_value", "config_to_dict",
+    "load_yaml", "parse_config", "save_config", "build_accelerator", "release_accelerator", "per_device_batch_size",
+    "reseed_for_step", "seed_everything", "step_seed", "CheckpointManager", "TrainState", "check_output_dir",
+    "validate_resume", "create_ema", "ema_state_dict", "load_ema_state_dict", "MetricsLogger", "ProgressBar",
+    "ThroughputMeter", "FitResult", "fit_to_exit_code", "NonFiniteLossError", "SignalGuard", "Trainer",
+    "build_optimizer", "lr_factor", "steps_per_epoch", "Run", "train_main",
 ]

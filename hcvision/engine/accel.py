@@ -11,7 +11,8 @@ from accelerate.utils import ProjectConfiguration
 
 from .config import BaseTrainConfig, ConfigError
 
-__all__ = ["build_accelerator", "release_accelerator", "per_device_batch_size", "seed_everything", "step_seed", "reseed_for_step"]
+__all__ = ["build_accelerator", "release_accelerator", "per_device_batch_size", "seed_everything", "step_seed",
+           "reseed_for_step"]
 
 
 def build_accelerator(cfg: BaseTrainConfig, *, log_with_tensorboard: Optional[bool] = None) -> Accelerator:

@@ -157,7 +157,8 @@ def _fit_error(state: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor]) 
     extra = [k for k in state if k not in target]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    parts = [f"missing {', '.join(missing[:3])}" if missing else "", f"unexpected {', '.join(extra[:3])}" if extra else "",
+    parts = [f"missing {', '.join(missing[:3])}" if missing else "",
+             f"unexpected {', '.join(extra[:3])}" if extra else "",
              f"shapes differ: {', '.join(shapes[:3])}" if shapes else ""]
     return "; ".join(p for p in parts if p) or None
 
@@ -190,8 +191,8 @@ def validate_resume(path: Union[str, Path], model: torch.nn.Module, cfg: Any, em
         for key in OPTIMIZER_KEYS:
             if isinstance(previous, dict) and key in previous and previous[key] != getattr(cfg, key, previous[key]):
                 raise ConfigError(f"resume={cfg.resume!r}: {str(recorded)!r} records {key}={previous[key]!r}, not "
-                                  f"{key}={getattr(cfg, key)!r}, and the saved optimizer state has that run's parameter "
-                                  f"groups; resume with {key}={previous[key]!r} or choose another output_dir")
+                                  f"{key}={getattr(cfg, key)!r}, and the saved optimizer state has that run's "
+                                  f"parameter groups; resume with {key}={previous[key]!r} or choose another output_dir")
     target = model.state_dict()
     files = [("model.safetensors", "model weights")] + ([("ema.safetensors", "EMA weights")] if ema else [])
     for name, what in files:

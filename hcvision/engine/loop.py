@@ -219,7 +219,7 @@ class Trainer:
         return [bool(v > 0) for v in t.tolist()]
 
     def _diagnostics(self) -> Dict[str, float]:
-        """Connection diagnostics of the static matrices (about 2 ms on the digits ViTs; no forward pass), when enabled."""
+        """Connection diagnostics of the static matrices (about 2 ms on the digits ViTs, no forward pass), if on."""
         if not self.cfg.diagnostics or not self.acc.is_main_process:
             return {}
         from ..analysis.diagnostics import connection_diagnostics

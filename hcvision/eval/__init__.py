@@ -5,8 +5,15 @@ Importing this package registers the ``hcv-inception-v3-compat``, ``hcv-digits``
 with torch-fidelity. The command line is ``python -m hcvision.eval.generative`` (not imported here, so ``-m`` runs it
 once).
 """
-from .classification import (TopKAccumulator, evaluate, evaluate_with_ema, load_classifier_weights, topk_accuracy,
-                             topk_correct, topk_hits)
+from .classification import (
+    TopKAccumulator,
+    evaluate,
+    evaluate_with_ema,
+    load_classifier_weights,
+    topk_accuracy,
+    topk_correct,
+    topk_hits,
+)
 from .dinov2 import DINOV2_EXTRACTOR, DINOV2_WEIGHTS_ENV, DinoV2FeatureExtractor, dinov2_preprocess, load_dinov2
 from .features import (
     DIGITS_CLASSIFIER_ENV,
@@ -17,8 +24,8 @@ from .features import (
     DigitsFeatureExtractor,
     SafeInceptionV3,
     WeightsUnavailableError,
-    class_accuracy,
     check_digits_classifier,
+    class_accuracy,
     digits_preprocess,
     digits_to_uint8,
     load_digits_classifier,

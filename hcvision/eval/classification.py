@@ -73,13 +73,15 @@ class TopKAccumulator:
         self.add_hits(topk_hits(logits, targets, self.ks))
 
     def compute(self) -> Dict[str, float]:
-        out: Dict[str, float] = {f"top{k}": 100.0 * c.item() / max(1, self.count) for k, c in zip(self.ks, self.correct)}
+        out: Dict[str, float] = {f"top{k}": 100.0 * c.item() / max(1, self.count)
+                                 for k, c in zip(self.ks, self.correct)}
         out["num_samples"] = self.count
         return out
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Iterable, accelerator: Any, ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
+def evaluate(model: torch.nn.Module, loader: Iterable, accelerator: Any, ks: Sequence[int] = (1, 5)
+             ) -> Dict[str, float]:
     """Top-k over a whole (sharded) split of ``(images, targets, unreadable count)`` batches.
 
     Hits are gathered per sample, so ``gather_for_metrics`` drops the padding of an uneven split; unreadable files

@@ -7,8 +7,9 @@ Two extractors are registered on import:
     precision/recall), but its weights are always loaded *safely* by hcvision: from a ``.safetensors``
     file or with ``torch.load(weights_only=True)`` (:func:`hcvision.io.load_weights`), then checked key by key,
     shape by shape and for NaN/Inf before torch-fidelity sees them. Besides torch-fidelity's features it provides
-    ``'mixed_6/conv'``, the spatial features of ADM's sFID (see :data:`SPATIAL_FEATURE`). torch-fidelity's own loader calls ``torch.load(weights_only=False)``,
-    which would run any pickle a user file contains. Weights come from, in order: the
+    ``'mixed_6/conv'``, the spatial features of ADM's sFID (see :data:`SPATIAL_FEATURE`). torch-fidelity's own loader
+    calls ``torch.load(weights_only=False)``, which would run any pickle a user file contains. Weights come from, in
+    order: the
     ``feature_extractor_weights_path`` argument, the ``HCV_INCEPTION_WEIGHTS`` environment variable,
     the torch hub cache / a download of torch-fidelity's official file.
 
@@ -384,8 +385,8 @@ def load_digits_classifier(
 ) -> tuple[torch.nn.Module, str]:
     """Build the digits classifier from a local weights file; returns (model in eval mode, sha256).
 
-    The model is rebuilt by :func:`hcvision.models.loading.load_model` from the name and kwargs recorded in the file's metadata
-    (see :func:`save_digits_classifier`); ``model_name`` / ``model_kwargs`` override them, and
+    The model is rebuilt by :func:`hcvision.models.loading.load_model` from the name and kwargs recorded in the file's
+    metadata (see :func:`save_digits_classifier`); ``model_name`` / ``model_kwargs`` override them, and
     ``$HCV_DIGITS_MODEL_NAME`` names the model when neither the argument nor the file does. NaN/Inf weights are
     refused.
     """

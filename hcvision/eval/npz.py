@@ -236,7 +236,8 @@ def _read_stats(data: Any, path: PathLike, prefix: str = "") -> FeatureStats:
     where = f"{str(path)!r}" + (f" ({prefix[:-2]} statistics)" if prefix else "")
     missing = [k for k in ("mu", "sigma", "feature_extractor", "weights_sha256", "num_samples") if get(k) is None]
     if missing:
-        raise UsageError(f"{where} lacks {', '.join(missing)}; write statistics with hcvision.eval.save_reference_stats")
+        raise UsageError(f"{where} lacks {', '.join(missing)}; write statistics with "
+                         "hcvision.eval.save_reference_stats")
     stats = FeatureStats(
         mu=get("mu").astype(np.float64),
         sigma=get("sigma").astype(np.float64),

@@ -36,8 +36,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ..connections import KindRecord, kind_record
 from ..layers import FinalLayer, LabelEmbedder, TimestepEmbedder, adaln_modulation, modulate, sincos_pos_embed_2d
-from ._common import block_connections, connection_arguments, scale_out_projections, static_parameter_names
-from ._common import variant_title
+from ._common import (
+    block_connections,
+    connection_arguments,
+    scale_out_projections,
+    static_parameter_names,
+    variant_title,
+)
 from ._registry import register_variants, variant_cfgs
 from .convert import diffusers_to_dit_state_dict  # noqa: F401  (public here since the first release)
 from .convert import dit_checkpoint_filter_fn as checkpoint_filter_fn

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+
 import torch
 
 __all__ = ["BACKENDS", "Implementation", "set_backend", "forced_backend", "check_backend", "select",

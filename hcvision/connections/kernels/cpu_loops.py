@@ -106,7 +106,8 @@ static void mix_backward_loop(const T* H, const T* mix, const T* g_in, const T* 
   });
 }
 
-// HC depth step backward, H' = R + beta y:  grad_y[t, :] = sum_i beta[t, i] G[t, i, :],  grad_beta[t, i] = <G[t, i, :], y[t, :]>
+// HC depth step backward, H' = R + beta y:
+//   grad_y[t, :] = sum_i beta[t, i] G[t, i, :],  grad_beta[t, i] = <G[t, i, :], y[t, :]>
 template <typename T>
 static void depth_backward_loop(const T* G, const T* beta, const T* y, T* grad_y, T* grad_beta, int64_t tokens,
                                 int64_t n, int64_t c, bool per_token) {

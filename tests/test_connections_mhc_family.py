@@ -93,7 +93,8 @@ H_RES = {"mhclite": _mhclite_h_res, "kromhc": _kromhc_h_res}
 
 
 def _direct(conn, H: torch.Tensor, branch) -> torch.Tensor:
-    """mHC Eqs. 3, 7-8 token by token, ``H_res`` from this file's constructions: x_out = H_res x + H_post^T F(H_pre x)."""
+    """mHC Eqs. 3, 7-8 token by token, ``H_res`` from this file's constructions:
+    x_out = H_res x + H_post^T F(H_pre x)."""
     n = conn.num_streams
     out = torch.empty_like(H)
     flat_H, flat_out = H.reshape(-1, n, H.shape[-1]), out.view(-1, n, H.shape[-1])

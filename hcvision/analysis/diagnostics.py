@@ -71,9 +71,9 @@ def composite_gain(res_maps: torch.Tensor) -> tuple[float, float]:
     prods = torch.empty_like(maps)
     prod = maps[-1]
     prods[-1] = prod
-    for l in range(maps.shape[0] - 2, -1, -1):  # P_l = P_{l+1} M_l, built from the end
-        prod = prod @ maps[l]
-        prods[l] = prod
+    for layer in range(maps.shape[0] - 2, -1, -1):  # P_l = P_{l+1} M_l, built from the end
+        prod = prod @ maps[layer]
+        prods[layer] = prod
     a = prods.abs()
     return a.sum(-1).max().item(), a.sum(-2).max().item()
 

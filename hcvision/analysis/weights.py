@@ -105,7 +105,8 @@ def connection_weights(
         conn = call.module
         if not conn.dynamic:
             raise ValueError(f"connection kind {conn.kind!r} is static (one matrix for all inputs); weight "
-                             f"distributions need a dynamic kind: {', '.join(r.name for r in kind_records() if r.dynamic)}")
+                             "distributions need a dynamic kind: "
+                             f"{', '.join(r.name for r in kind_records() if r.dynamic)}")
         name, index = call.name, layer % L
         entries = entry_names(conn.kind, conn.num_streams, conn.num_inputs)
         mats = call.matrix.reshape(chunk.shape[0], -1, *call.matrix.shape[-2:])  # (B, N, 1+n, k+n)

@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from . import kinds
+from . import kinds  # noqa: F401  (hcvision.connections.kinds: the table)
 from .base import (
     Connection,
     WidthContext,
@@ -38,11 +38,10 @@ from .duality import parallel_matrices, sequential_matrices
 
 # The kinds, in table order: each module registers its kinds when imported.
 from .hyper import HyperConnection, ResidualConnection, hc_init_matrix  # residual, shc, dhc, sfc, dfc
-from .mhc import ManifoldConnection, ManifoldHyperConnection, sinkhorn_deepseek, sinkhorn_knopp  # mhc
-from .mhc_exact import KromHCConnection, MHCLiteConnection  # mhclite, kromhc
-
 from .kernels import BACKENDS, set_backend
 from .kinds import KindRecord, kind_names, kind_record, kind_records
+from .mhc import ManifoldConnection, ManifoldHyperConnection, sinkhorn_deepseek, sinkhorn_knopp  # mhc
+from .mhc_exact import KromHCConnection, MHCLiteConnection  # mhclite, kromhc
 
 __all__ = [
     "KINDS",

@@ -35,10 +35,10 @@ from . import kernels, kinds
 from .context import WidthContext
 
 __all__ = [
-    "KINDS",
-    "HYPER_KINDS",
-    "FRAC_KINDS",
-    "DYNAMIC_KINDS",
+    "KINDS",  # noqa: F822  (module __getattr__: computed from the kind table when read)
+    "HYPER_KINDS",  # noqa: F822  (module __getattr__: computed from the kind table when read)
+    "FRAC_KINDS",  # noqa: F822  (module __getattr__: computed from the kind table when read)
+    "DYNAMIC_KINDS",  # noqa: F822  (module __getattr__: computed from the kind table when read)
     "Connection",
     "WidthContext",
     "check_kind",
@@ -154,7 +154,8 @@ class Connection(nn.Module):
         return self.record.dynamic
 
     def fast_path_family(self) -> str | None:
-        """The :mod:`.kernels` family serving this connection (``None``: the reference path); the record's by default."""
+        """The :mod:`.kernels` family serving this connection (``None``: the reference path); the record's by
+        default."""
         return self.record.family
 
     def _no_fast_path_reason(self) -> str:
@@ -226,10 +227,12 @@ class Connection(nn.Module):
         """Static ``[A_in | A_r]`` ``(L, n, k+n)`` and ``B`` ``(L, n)`` of several connections of this class, fp32,
         detached (the diagnostics' input; a subclass may batch the work)."""
         pairs = [c.static_coefficients() for c in conns]
-        return (torch.stack([m.detach().float() for m, _ in pairs]), torch.stack([b.detach().float() for _, b in pairs]))
+        return (torch.stack([m.detach().float() for m, _ in pairs]),
+                torch.stack([b.detach().float() for _, b in pairs]))
 
     def dynamic_scale_parameters(self) -> list[nn.Parameter]:
-        """The scalars that scale the token-dependent part (HC's ``s_a, s_b``, mHC's gates ``alpha``); ``[]`` if none."""
+        """The scalars that scale the token-dependent part (HC's ``s_a, s_b``, mHC's gates ``alpha``); ``[]`` if
+        none."""
         return []
 
     def residual_logits(self) -> torch.Tensor | None:

@@ -12,8 +12,14 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from ..connections import Connection, build_connection, check_kind, check_rate, kind_record
-from ..connections import static_connection_parameters
+from ..connections import (
+    Connection,
+    build_connection,
+    check_kind,
+    check_rate,
+    kind_record,
+    static_connection_parameters,
+)
 
 __all__ = ["connection_arguments", "block_connections", "scale_out_projections", "static_parameter_names",
            "variant_title"]

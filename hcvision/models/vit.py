@@ -31,8 +31,13 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..connections import KindRecord, kind_record
-from ._common import block_connections, connection_arguments, scale_out_projections, static_parameter_names
-from ._common import variant_title
+from ._common import (
+    block_connections,
+    connection_arguments,
+    scale_out_projections,
+    static_parameter_names,
+    variant_title,
+)
 from ._registry import register_variants, variant_cfgs
 from .convert import vit_checkpoint_filter_fn as checkpoint_filter_fn
 
@@ -237,7 +242,8 @@ def _size_cfg(size: str) -> Dict[str, Any]:
 
 def _describe(size: str, kind: str, rate: int) -> str:
     args = VIT_SIZES[size]
-    return f"ViT ({args['embed_dim']}-d, depth {args['depth']}, patch {args['patch_size']}) with {variant_title(kind, rate)}."
+    return (f"ViT ({args['embed_dim']}-d, depth {args['depth']}, patch {args['patch_size']}) with "
+            f"{variant_title(kind, rate)}.")
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> HCVisionTransformer:

@@ -37,7 +37,8 @@ n]``: from stream ``m`` to stream ``n``), so its row softmax is our column norma
 column normalisation of ``comb``, is our ``T_r``: the order of the rounds is the same. With ``eps = 0`` the two forms
 are the same function (``tests/test_connections_mhc_family.py``); with it, ``eps`` floors the softmax entries, which
 moves Sinkhorn's limit where an entry is near ``eps`` (by up to a few 1e-3 for random parameters). The default keeps
-the paper's Eq. 9 (``exp``, no ``eps``): the log-domain iterations need no ``eps`` to stay finite, and the fast paths compute that form.
+the paper's Eq. 9 (``exp``, no ``eps``): the log-domain iterations need no ``eps`` to stay finite, and the fast paths
+compute that form.
 
 The fast paths (token-last coefficients with analytic backwards, the Triton coefficient kernel) are in
 :mod:`hcvision.connections.kernels` and are tested against this module; ``form="deepseek"`` runs the reference path.

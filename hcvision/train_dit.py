@@ -71,14 +71,15 @@ class DitConfig(BaseTrainConfig):
     repa_encoder_kwargs: Dict[str, Any] = field(default_factory=dict)  # timm kwargs of the encoder (tests: tiny ones)
     repa_projector_dim: int = checked(2048, lambda v: v >= 1, "an integer >= 1")  # REPA's MLP projector width
     # -- evaluation: final sampling and scoring ----------------------------------------------------
-    eval_samples: int = checked(1000, lambda v: v >= 0, "an integer >= 0 (0 skips)")  # from the EMA model
-    # the sampling settings (declared once in hcvision.sampling_spec; recorded in the weights for hcvision.sample)
-    sampler: str = config_field("sampler")  # '' = the objective's default: ddpm (DDPM), sde (flow)
+    # from the EMA model; the sampling settings below are declared once in hcvision.sampling_spec (and recorded in
+    # the weights for hcvision.sample)
+    eval_samples: int = checked(1000, lambda v: v >= 0, "an integer >= 0 (0 skips)")
+    sampler: str = config_field("sampler")
     sampling_steps: int = config_field("sampling_steps", 100)  # the demo's 100 (DiT: 250)
     guidance_scale: float = config_field("guidance_scale")
-    guidance_channels: int = config_field("guidance_channels")  # 0: 3 of 4 latent channels (DiT), else all
-    guidance_interval: Tuple[float, float] = config_field("guidance_interval")  # REPA: [0, 0.7]
-    diffusion_norm: float = config_field("diffusion_norm")  # the sde sampler's (REPA: 2)
+    guidance_channels: int = config_field("guidance_channels")
+    guidance_interval: Tuple[float, float] = config_field("guidance_interval")
+    diffusion_norm: float = config_field("diffusion_norm")
     eval_batch_size: int = checked(250, lambda v: v >= 1, "an integer >= 1")  # per process
     # also sample without guidance (same seeds, samples_unguided/) and report fid_unguided (final/fid_unguided)
     eval_unguided: bool = False

@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from hcvision import io, train_cls
+from hcvision import train_cls
 from hcvision.cli import run_cli
 from hcvision.data import DigitsDataset, classification_datasets, digits_split_indices
 from hcvision.data.sources import parse_data
 from hcvision.engine import parse_config
+from hcvision.models.loading import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's convert("L")
@@ -55,7 +56,7 @@ def _datasets(argv):
     from hcvision.data.transforms import TransformOptions
 
     cfg = parse_config(train_cls.ClsConfig, argv)
-    model = io.create_model(cfg.model, cfg.model_kwargs, meta=True)
+    model = create_model(cfg.model, cfg.model_kwargs, meta=True)
     return classification_datasets(parse_data(cfg.data_dir), model, transform=TransformOptions.from_config(cfg))
 
 
@@ -142,7 +143,7 @@ def test_in_chans_1_model_trains_on_an_rgb_folder(tmp_path):
     train, val, _, _ = _datasets(argv)
     assert train[0][0].shape == (1, 8, 8) and val[0][0].shape == (1, 8, 8)  # grey, at the size the model was built for
     (norm,) = _of_type(val.transform, T.Normalize)
-    cfg = io.create_model("vit_tiny_patch16_224_dhc2", meta=True).pretrained_cfg  # three values each
+    cfg = create_model("vit_tiny_patch16_224_dhc2", meta=True).pretrained_cfg  # three values each
     assert len(cfg["mean"]) == len(cfg["std"]) == 3
     assert torch.allclose(norm.mean, torch.tensor([sum(w * m for w, m in zip(LUMA, cfg["mean"]))]))
     assert torch.allclose(norm.std, torch.tensor([sum(w * s for w, s in zip(LUMA, cfg["std"]))]))

@@ -38,7 +38,7 @@ def test_help_lists_every_key_with_type_default_and_range(trainer, flag, capsys)
 def test_help_groups_and_texts_come_from_the_declarations():
     keys = {k.name: k for k in config_keys(train_dit.CONFIG)}
     expected = {"model": "model", "model_kwargs": "model", "data_dir": "data", "lr": "optimisation",
-                "ema_decay": "optimisation", "objective": "diffusion", "eval_steps": "evaluation",
+                "ema_decay": "optimisation", "objective": "diffusion", "sampling_steps": "evaluation",
                 "output_dir": "run", "cpu_threads": "run", "checkpoint_every": "run"}
     assert {name: keys[name].group for name in expected} == expected
     assert keys["epochs"].default == "100" and keys["epochs"].accepted == "an integer >= 1"

@@ -1,7 +1,8 @@
 """``--help`` of the trainers, generated from their config dataclasses (there is no second list of keys to keep).
 
 A key's type and default come from the dataclass field, its accepted values from :func:`~.config.checked`, its
-description from the comment on the field's line (or the comment lines just above it), and its group from the
+description from the field's ``help`` metadata (settings declared once elsewhere, such as the sampling spec's) and the
+comment on the field's line (or the comment lines just above it), and its group from the
 section comment it sits under (``# -- data ---``). A subclass that only changes a default keeps the group and the
 description of the base's declaration unless it writes its own comment.
 """
@@ -110,6 +111,8 @@ def config_keys(cls: type) -> List[KeyHelp]:
     keys = []
     for f in dataclasses.fields(cls):
         group, text = declared.get(f.name, (None, ""))
+        if f.metadata.get("help"):  # a setting declared elsewhere with its own help (hcvision.sampling_spec)
+            text = f"{f.metadata['help']}; {text}" if text else f.metadata["help"]
         accepted = checks[f.name][1] if f.name in checks else ""
         keys.append(KeyHelp(f.name, group if group in GROUPS else "run", _type_text(hints[f.name]),
                             _default_text(f), accepted, text))

@@ -133,9 +133,10 @@ def recorded_classifier(checkpoint: str) -> Tuple[Optional[str], Dict[str, Any]]
     import yaml
 
     from .. import io
+    from ..models.loading import recorded_model
 
     path = io.resolve_weights(checkpoint, ema=False)
-    name, kwargs = io.recorded_model(io.read_metadata(path), f"checkpoint {str(path)!r}")
+    name, kwargs = recorded_model(io.read_metadata(path), f"checkpoint {str(path)!r}")
     if not name:  # e.g. an accelerate checkpoint directory: its run's config.yaml names the model
         for run_dir in (path.parent, path.parent.parent.parent):
             config = run_dir / "config.yaml"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from .diffusion import DEFAULT_SAMPLER, SAMPLERS, objective_of, read_sampling_me
 from .diffusion.guidance import resolve_guidance_channels
 from .diffusion import sample as diffusion_sample
 from .io import PathLike, atomic_write, load_model, write_json
+from .outputs import check_writable, run_dir_lock
 
 __all__ = ["class_labels", "decode_to_uint8", "generate", "load_dit", "make_grid", "sample_seed", "sample_to_dir",
            "sample_and_score",
@@ -280,14 +280,7 @@ def check_out_dir(out: Path) -> None:
         raise UsageError(f"--out={str(out)!r} is a file, not a directory; choose a directory path")
     if (out / "samples.npz").exists():
         raise UsageError(f"--out={str(out)!r} already holds samples.npz; choose another directory")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"--out={str(out)!r} cannot be created: {str(parent)!r} is a regular file; choose a "
-                         "directory path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out={str(out)!r} cannot be written: no write permission in {str(parent)!r}")
+    check_writable(out, "--out")
 
 
 def parse_classes(spec: Optional[str], num_classes: int) -> Optional[List[int]]:
@@ -375,7 +368,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(_build_parser().parse_args(argv))
+    args = _build_parser().parse_args(argv)
+    check_out_dir(Path(args.out))
+    with run_dir_lock(args.out, "--out"):  # one sampler per output directory (rank 0 holds it)
+        return run(args)
 
 
 if __name__ == "__main__":

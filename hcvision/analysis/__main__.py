@@ -18,6 +18,7 @@ import torch
 
 from ..cli import UsageError, run_cli
 from ..io import check_model_name, load_model, write_json
+from ..outputs import check_writable
 
 __all__ = ["main", "analyse", "load_images", "build_model"]
 
@@ -102,6 +103,7 @@ def analyse(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                    plot_layer_similarity, plot_unfolded, plot_weight_distributions)
 
     args = parse_args(argv)
+    check_writable(args.out, "--out")
     torch.manual_seed(args.seed)
     classes = _parse_classes(args.classes)
     model = build_model(args.model, args.checkpoint).eval()

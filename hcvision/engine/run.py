@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Type
 import torch
 
 from .. import io
-from ..cli import run_cli
+from ..cli import OutOfSpaceError, is_main_rank, out_of_space, run_cli
+from ..outputs import RunLock, check_writable
 from ..provenance import run_provenance
 from .accel import build_accelerator, per_device_batch_size, release_accelerator, seed_everything
 from .checkpoint import CheckpointManager, check_output_dir, validate_resume
@@ -38,11 +39,20 @@ class Run:
 
     def __init__(self, cfg: BaseTrainConfig, name: str, *, writes: bool = True,
                  tensorboard: Optional[bool] = None) -> None:
+        self.lock: Optional[RunLock] = None
         if writes:
             check_output_dir(cfg.output_dir, cfg.resume)
+            check_writable(cfg.output_dir, "output_dir")
+            if is_main_rank():  # one writer per run directory, before anything is written
+                self.lock = RunLock(cfg.output_dir, "output_dir").acquire()
         self.cfg, self.name, self.writes = cfg, name, writes
         self.out = Path(cfg.output_dir)
-        self.acc = build_accelerator(cfg, log_with_tensorboard=tensorboard if writes else False)
+        try:
+            self.acc = build_accelerator(cfg, log_with_tensorboard=tensorboard if writes else False)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
         self.batch_size = per_device_batch_size(cfg.global_batch_size, self.acc.num_processes, cfg.grad_accum_steps)
         self.exit_code = 0
         self.provenance = {**run_provenance(), "seed": cfg.seed, "num_processes": self.acc.num_processes,
@@ -187,12 +197,25 @@ class Run:
 
     def close(self) -> None:
         release_accelerator(self.acc)
+        if self.lock is not None:
+            self.lock.release()
 
     def __enter__(self) -> "Run":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> None:
+        """Close; a write that failed for want of space becomes one line naming the last complete checkpoint."""
+        try:
+            why = out_of_space(exc, self.out) if isinstance(exc, (OSError, RuntimeError)) else None
+            if why:
+                latest = io.find_checkpoints(self.out)
+                where = str(exc) if isinstance(exc, OutOfSpaceError) else \
+                    f"out of space{f' writing {exc.filename!r}' if getattr(exc, 'filename', None) else ''} ({why})"
+                raise OutOfSpaceError(f"{where}; last complete checkpoint: {str(latest[-1]) if latest else 'none'}; "
+                                      "free space (or copy output_dir where there is room) and rerun with "
+                                      "resume=auto") from None
+        finally:
+            self.close()
 
 
 def train_main(config_cls: Type[BaseTrainConfig], run: Callable[[Any], int], argv: Optional[Sequence[str]],

@@ -223,6 +223,19 @@ def load_weights(path: PathLike, what: str = "weights", prefer_ema: bool = False
     return dict(state), read_metadata(path)
 
 
+def layout_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, Any], limit: int = 3) -> Optional[str]:
+    """The first few tensors of ``state`` whose names or shapes differ from ``expected`` (a state dict, or a mapping
+    of names to shapes), as one clause; ``None`` when every name and shape matches."""
+    shape = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in expected.items()}
+    wrong = [f"{k} {tuple(v.shape)} vs {shape[k]}" for k, v in state.items() if k in shape and tuple(v.shape) != shape[k]]
+    missing = [k for k in shape if k not in state]
+    unexpected = [k for k in state if k not in shape]
+    parts = [f"{label} {', '.join(items[:limit])}{f' (+{len(items) - limit} more)' if len(items) > limit else ''}"
+             for label, items in (("first mismatched tensors:", wrong), ("missing:", missing),
+                                  ("unexpected:", unexpected)) if items]
+    return "; ".join(parts) or None
+
+
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Refuse weights with NaN or Inf entries, naming the tensors (a diverged run's checkpoint)."""
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

@@ -31,7 +31,15 @@ class UsageError(ValueError):
 
 
 class OutOfSpaceError(RuntimeError):
-    """A write failed because the file system is full or the quota is spent: one line, exit 3."""
+    """A write of ``path`` failed because the file system is full or the quota is spent: one line, exit 3.
+
+    ``what`` says what was cleaned up and ``then`` what to do; the run's owner (e.g. the trainer) may re-word them.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], why: str, what: str = "the partial file was removed",
+                 then: str = "free space and run the same command again") -> None:
+        self.path, self.why, self.what, self.then = str(path), why, what, then
+        super().__init__(f"out of space writing {self.path!r} ({why}); {what}; {then}")
 
 
 def _free_bytes(path: Union[str, os.PathLike]) -> Optional[int]:
@@ -56,6 +64,8 @@ def out_of_space(err: BaseException, path: Optional[Union[str, os.PathLike]] = N
     e: Optional[BaseException] = err
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        if isinstance(e, OutOfSpaceError):
+            return e.why
         if isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNOS:
             return f"{errno.errorcode[e.errno]}: {os.strerror(e.errno)}"
         text = str(e)

@@ -86,7 +86,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> Path:
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
         if why := out_of_space(err):
-            raise OutOfSpaceError(f"out of space writing {str(path)!r} ({why})") from err
+            raise OutOfSpaceError(path, why, "nothing was written") from err
         raise
     os.close(fd)
     tmp = Path(tmp_name)
@@ -101,7 +101,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> Path:
         why = out_of_space(err, path.parent)
         tmp.unlink(missing_ok=True)
         if why:
-            raise OutOfSpaceError(f"out of space writing {str(path)!r} ({why}); the partial file was removed") from err
+            raise OutOfSpaceError(path, why) from err
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)

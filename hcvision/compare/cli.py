@@ -146,7 +146,7 @@ def _aggregate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     runs, _ = collect_runs(sources, damaged)
     if not runs:
         why = f"; unreadable: {', '.join(f'{f} ({r})' for f, r in damaged)}" if damaged else ""
-        return _fail(f"no readable finished runs (results.json) under {', '.join(map(str, sources))}{why}")
+        return _fail(f"no finished runs (results.json) under {', '.join(map(str, sources))} could be read{why}")
     regenerate, unreadable = [], []
     for s in sources:  # the grid that made the runs, when the runner recorded it
         for cand in (s / "compare.json", s.parent / "compare.json"):

@@ -136,8 +136,7 @@ class CheckpointManager:
             if not why:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # the partial checkpoint, so the space comes back
-            raise OutOfSpaceError(f"out of space writing checkpoint {str(tmp)!r} ({why}); the partial checkpoint "
-                                  "was removed") from None
+            raise OutOfSpaceError(tmp, why, "the partial checkpoint was removed") from None
         # save_state has no barrier at its end (PITFALLS): every rank's RNG file must be on disk first.
         acc.wait_for_everyone()
         if acc.is_main_process:

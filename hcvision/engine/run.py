@@ -209,9 +209,10 @@ class Run:
             why = out_of_space(exc, self.out) if isinstance(exc, (OSError, RuntimeError)) else None
             if why:
                 latest = io.find_checkpoints(self.out)
-                where = str(exc) if isinstance(exc, OutOfSpaceError) else \
-                    f"out of space{f' writing {exc.filename!r}' if getattr(exc, 'filename', None) else ''} ({why})"
-                raise OutOfSpaceError(f"{where}; last complete checkpoint: {str(latest[-1]) if latest else 'none'}; "
+                path = exc.path if isinstance(exc, OutOfSpaceError) else getattr(exc, "filename", None) or self.out
+                what = exc.what if isinstance(exc, OutOfSpaceError) else "the write failed"
+                raise OutOfSpaceError(path, why, f"{what}; last complete checkpoint: "
+                                      f"{str(latest[-1]) if latest else 'none'}",
                                       "free space (or copy output_dir where there is room) and rerun with "
                                       "resume=auto") from None
         finally:

@@ -45,14 +45,17 @@ class Run:
             check_writable(cfg.output_dir, "output_dir")
             if is_main_rank():  # one writer per run directory, before anything is written
                 self.lock = RunLock(cfg.output_dir, "output_dir").acquire()
-        self.cfg, self.name, self.writes = cfg, name, writes
-        self.out = Path(cfg.output_dir)
         try:
-            self.acc = build_accelerator(cfg, log_with_tensorboard=tensorboard if writes else False)
-        except BaseException:
+            self._setup(cfg, name, writes, tensorboard)
+        except BaseException:  # a refused set-up leaves no lock file behind
             if self.lock is not None:
                 self.lock.release()
             raise
+
+    def _setup(self, cfg: BaseTrainConfig, name: str, writes: bool, tensorboard: Optional[bool]) -> None:
+        self.cfg, self.name, self.writes = cfg, name, writes
+        self.out = Path(cfg.output_dir)
+        self.acc = build_accelerator(cfg, log_with_tensorboard=tensorboard if writes else False)
         self.batch_size = per_device_batch_size(cfg.global_batch_size, self.acc.num_processes, cfg.grad_accum_steps)
         self.exit_code = 0
         self.provenance = {**run_provenance(), "seed": cfg.seed, "num_processes": self.acc.num_processes,

@@ -240,3 +240,19 @@ def test_timm_api_names_a_directory_without_weights_and_reads_one_with_them(tmp_
     loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path)))
     for k, v in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_report_out_of_space_is_one_line_exit_3(tmp_path, monkeypatch, capsys):
+    from hcvision.cli import run_cli
+    from hcvision.compare.cli import PROG, main
+
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"model": "vit_digits_patch2_8_res", "top1": 90.0}))
+    monkeypatch.setenv("HCV_FAILPOINT", "write.before_rename:1:enospc")  # summary.json, the report's first file
+    monkeypatch.setattr(io, "_FAILPOINT_HITS", {})
+    out = tmp_path / "report"
+    assert run_cli(main, ["aggregate", str(tmp_path / "runs"), "--out", str(out), "--no-plots"], PROG) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out of space writing" in err and "summary.json" in err, err
+    assert not [p for p in out.rglob("*") if p.is_file()]

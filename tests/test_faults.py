@@ -256,3 +256,25 @@ def test_report_out_of_space_is_one_line_exit_3(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "out of space writing" in err and "summary.json" in err, err
     assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_latent_extraction_out_of_space_is_one_line_exit_3_and_a_rerun_resumes(tmp_path, monkeypatch, capsys):
+    from hcvision.cli import run_cli
+    from hcvision.data.latents import main
+
+    for c in ("a", "b"):
+        for i in range(2):
+            (tmp_path / "images" / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(tmp_path / "images" / c / f"{i}.png")
+    out = tmp_path / "latents"
+    args = ["--data-dir", str(tmp_path / "images"), "--out", str(out), "--vae", "none", "--image-size", "8",
+            "--shard-size", "2", "--num-workers", "0"]
+    monkeypatch.setenv("HCV_FAILPOINT", "write.before_rename:2:enospc")  # the second shard
+    monkeypatch.setattr(io, "_FAILPOINT_HITS", {})
+    assert run_cli(main, args, "hcvision.data.latents") == EXIT_OUT_OF_SPACE
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # besides the progress bar
+    assert len(err) == 1 and "out of space writing" in err[0] and "shards/000000002-000000004" in err[0], err
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) == 1 and not [p for p in files if p.name.startswith(".")], files  # the first shard only
+    monkeypatch.delenv("HCV_FAILPOINT")
+    assert run_cli(main, args, "hcvision.data.latents") == 0  # resumes: the finished shard is kept

@@ -28,7 +28,7 @@ from .cli import OutOfSpaceError, UsageError, out_of_space
 
 __all__ = [
     "PathLike", "failpoint", "atomic_write", "write_bytes", "write_text", "write_json", "save_safetensors", "file_sha256",
-    "load_weights", "read_metadata", "unwrap_state_dict", "check_finite", "resolve_weights", "load_model",
+    "load_weights", "read_metadata", "unwrap_state_dict", "check_finite", "layout_mismatch", "resolve_weights", "load_model",
     "check_model_name", "find_checkpoints", "create_model", "recorded_model",
 ]
 
@@ -227,7 +227,8 @@ def layout_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, An
     """The first few tensors of ``state`` whose names or shapes differ from ``expected`` (a state dict, or a mapping
     of names to shapes), as one clause; ``None`` when every name and shape matches."""
     shape = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in expected.items()}
-    wrong = [f"{k} {tuple(v.shape)} vs {shape[k]}" for k, v in state.items() if k in shape and tuple(v.shape) != shape[k]]
+    wrong = [f"{k} {tuple(v.shape)} vs {shape[k]}" for k, v in state.items()
+             if k in shape and tuple(v.shape) != shape[k]]
     missing = [k for k in shape if k not in state]
     unexpected = [k for k in state if k not in shape]
     parts = [f"{label} {', '.join(items[:limit])}{f' (+{len(items) - limit} more)' if len(items) > limit else ''}"

@@ -289,7 +289,7 @@ def test_aggregate_skips_damaged_runs_and_grid_record_with_a_warning(tmp_path, c
     assert main(["aggregate", str(src), "--out", str(out), "--no-plots"]) == 0
     err = capsys.readouterr().err
     for name in ("r1/results.json", "r3/cell.json", "r4/config.yaml", "grid/compare.json"):
-        assert f"warning: skipped" in err and name in err, (name, err)
+        assert "warning: skipped" in err and name in err, (name, err)
     assert "Traceback" not in err
     summary = (out / "summary.md").read_text()
     assert "4 file(s) unreadable (counted as missing)" in summary

@@ -28,7 +28,8 @@ from torch import nn
 from ..io import unwrap_state_dict
 
 __all__ = [
-    "WEIGHTS_FILE_NAMES", "check_pretrained_file", "is_connection_key", "split_connection_state", "complete_connections", "check_fits", "timm_adapted_keys",
+    "WEIGHTS_FILE_NAMES", "check_pretrained_file",
+    "is_connection_key", "split_connection_state", "complete_connections", "check_fits", "timm_adapted_keys",
     "vit_checkpoint_filter_fn", "dit_checkpoint_filter_fn", "diffusers_to_dit_state_dict", "is_diffusers_state_dict",
 ]
 

@@ -28,7 +28,8 @@ from .cli import OutOfSpaceError, UsageError, out_of_space
 
 __all__ = [
     "PathLike", "failpoint", "atomic_write", "write_bytes", "write_text", "write_json", "save_safetensors", "file_sha256",
-    "load_weights", "read_metadata", "unwrap_state_dict", "check_finite", "layout_mismatch", "resolve_weights", "load_model",
+    "load_weights", "read_metadata", "unwrap_state_dict", "check_finite", "layout_mismatch", "resolve_weights",
+    "load_model",
     "check_model_name", "find_checkpoints", "create_model", "recorded_model",
 ]
 

@@ -31,6 +31,22 @@ LOCK_NAME = ".lock"
 # errnos with which a file system says it does not do locks (NFS without lockd, some FUSE mounts)
 _NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 _warned_no_locking = False
+_held_fds: set = set()
+
+
+def _close_in_forked_child() -> None:
+    """A forked child (a DataLoader worker) would share the lock and keep it after its parent was killed, until the
+    worker noticed and exited; the lock belongs to the parent alone."""
+    for fd in list(_held_fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_forked_child)
 
 
 def check_writable(path: PathLike, key: str = "--out", is_dir: bool = True) -> Path:
@@ -122,6 +138,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (_holder_text() + "\n").encode(), 0)
         self._fd = fd
+        _held_fds.add(fd)
         return self
 
     def _remove_created(self) -> None:
@@ -142,6 +159,7 @@ class RunLock:
                 self.path.unlink(missing_ok=True)
             except OSError:
                 pass
+            _held_fds.discard(self._fd)
             os.close(self._fd)
             self._fd = None
             self._remove_created()

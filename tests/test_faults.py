@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,10 +29,14 @@ from hcvision.outputs import RunLock, check_writable
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = r"""
-import sys
+import os, sys
 from hcvision.outputs import RunLock
 locks = [RunLock(d, "output_dir").acquire() for d in sys.argv[1:]]
-print("locked", flush=True)
+worker = os.fork()  # like a DataLoader worker: it must not keep the lock alive after its parent dies
+if worker == 0:
+    sys.stdin.read()
+    os._exit(0)
+print("locked", worker, flush=True)
 sys.stdin.read()  # hold until the test closes stdin or kills this process
 """
 
@@ -57,13 +62,19 @@ def holder(tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", HOLDER, *map(str, dirs)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True, env=env)
         procs.append(proc)
-        assert proc.stdout.readline().strip() == "locked"  # the condition: it holds every lock now
+        word, worker = proc.stdout.readline().split()
+        assert word == "locked"  # the condition: it holds every lock now
+        proc.worker = int(worker)
         return proc
 
     yield start
     for proc in procs:
         proc.kill()
         proc.wait()
+        try:
+            os.kill(proc.worker, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,6 +90,7 @@ def test_second_process_is_refused_naming_the_holder_and_a_killed_holders_lock_g
     assert "started" in msg and "\n" not in msg
     proc.kill()  # a crash: no clean-up code runs, the kernel drops the lock
     proc.wait()
+    os.kill(proc.worker, 0)  # its forked worker still runs, and does not hold the lock
     assert (run / outputs.LOCK_NAME).exists()  # the killed holder's file stays, unlocked
     lock = RunLock(run, "output_dir").acquire()
     assert lock.held and f"PID {os.getpid()}" in (run / outputs.LOCK_NAME).read_text()

@@ -7,7 +7,8 @@
 - :class:`RunLock` holds an OS-level exclusive lock (``flock``) on ``<dir>/.lock`` for a run's lifetime. A second
   process on the same directory is refused naming the holder (host, PID, start time, which the file holds as text);
   the kernel drops the lock when its holder dies however it dies, so a crashed run leaves nothing to clean up and
-  ``resume=auto`` just works (a killed holder's file stays behind, unlocked and harmless). Where the file system
+  ``resume=auto`` just works (a killed holder's file stays behind, unlocked and harmless; forked children such as
+  DataLoader workers close their copy, so they do not keep a dead run's lock). Where the file system
   cannot lock, a warning is printed once and the run goes on.
 """
 from __future__ import annotations

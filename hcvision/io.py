@@ -13,6 +13,7 @@ Rebuilding a model from a weights file lives next to the models, in :mod:`hcvisi
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -23,12 +24,12 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from .cli import UsageError
+from .cli import OutOfSpaceError, UsageError, out_of_space
 
 __all__ = [
     "PathLike", "failpoint", "atomic_write", "write_bytes", "write_text", "write_json", "save_safetensors",
-    "file_sha256", "load_weights", "read_metadata", "unwrap_state_dict", "check_finite", "resolve_weights",
-    "find_checkpoints",
+    "file_sha256", "load_weights", "read_metadata", "unwrap_state_dict", "check_finite", "layout_mismatch",
+    "resolve_weights", "find_checkpoints",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -46,17 +47,21 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 _FAILPOINT_HITS: Dict[str, int] = {}
 
 
-def failpoint(name: str) -> None:
-    """Crash injection for the crash-consistency tests, as databases do it: with ``HCV_FAILPOINT=name:k`` the
-    process kills itself (SIGKILL, no clean-up) the k-th time it reaches ``name``. Unset, this is a dict lookup."""
+def failpoint(name: str, path: Optional[PathLike] = None) -> None:
+    """Fault injection for the crash-consistency tests, as databases do it: with ``HCV_FAILPOINT=name:k`` the
+    process kills itself (SIGKILL, no clean-up) the k-th time it reaches ``name``; with ``HCV_FAILPOINT=name:k:enospc``
+    it raises the ``OSError(ENOSPC)`` a full disk would raise there (about ``path``). Unset, this is a dict lookup."""
     spec = os.environ.get("HCV_FAILPOINT")
     if not spec:
         return
-    target, _, count = spec.partition(":")
+    target, _, rest = spec.partition(":")
     if target != name:
         return
+    count, _, mode = rest.partition(":")
     _FAILPOINT_HITS[name] = _FAILPOINT_HITS.get(name, 0) + 1
     if _FAILPOINT_HITS[name] >= int(count or 1):
+        if mode == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), None if path is None else str(path))
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
@@ -72,11 +77,17 @@ def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it onto ``path``.
 
     The file is fsync'd before the rename and the directory after it, so after a crash ``path`` holds either the
-    old content or the new one. The temporary file is removed if ``write`` fails.
+    old content or the new one. The temporary file is removed if ``write`` fails; a write that failed for want of
+    space (ENOSPC, EDQUOT) is an :class:`~hcvision.cli.OutOfSpaceError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        if why := out_of_space(err):
+            raise OutOfSpaceError(path, why, "nothing was written") from err
+        raise
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -84,10 +95,13 @@ def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> Path:
         os.chmod(tmp, _default_mode())  # mkstemp creates 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        failpoint("write.before_rename")
+        failpoint("write.before_rename", path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        why = out_of_space(err, path.parent)
         tmp.unlink(missing_ok=True)
+        if why:
+            raise OutOfSpaceError(path, why) from err
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -207,6 +221,20 @@ def load_weights(path: PathLike, what: str = "weights", prefer_ema: bool = False
             isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise UsageError(f"{what} file {str(path)!r} does not hold a mapping of parameter names to tensors")
     return dict(state), read_metadata(path)
+
+
+def layout_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, Any], limit: int = 3) -> Optional[str]:
+    """The first few tensors of ``state`` whose names or shapes differ from ``expected`` (a state dict, or a mapping
+    of names to shapes), as one clause; ``None`` when every name and shape matches."""
+    shape = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in expected.items()}
+    wrong = [f"{k} {tuple(v.shape)} vs {shape[k]}" for k, v in state.items()
+             if k in shape and tuple(v.shape) != shape[k]]
+    missing = [k for k in shape if k not in state]
+    unexpected = [k for k in state if k not in shape]
+    parts = [f"{label} {', '.join(items[:limit])}{f' (+{len(items) - limit} more)' if len(items) > limit else ''}"
+             for label, items in (("first mismatched tensors:", wrong), ("missing:", missing),
+                                  ("unexpected:", unexpected)) if items]
+    return "; ".join(parts) or None
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:

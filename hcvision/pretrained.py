@@ -34,12 +34,13 @@ import torch
 
 from . import io
 from .cli import UsageError
+from .models.convert import WEIGHTS_FILE_NAMES
 from .models.loading import create_model
 
 __all__ = ["PretrainedSource", "resolve_pretrained", "create_pretrained"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".tar")
-HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # timm save_for_hf / push_to_hf_hub names, safest first
+HUB_FILES = WEIGHTS_FILE_NAMES  # timm save_for_hf / push_to_hf_hub names, safest first
 LOCAL_ALTERNATIVES = ("a local file (pretrained=PATH.safetensors|.pth|.pth.tar|.bin), a directory in timm's "
                       "save_for_hf layout (pretrained=local-dir:DIR), or a timm tag whose file is local "
                       "(e.g. pretrained=vit_digits_patch2_8_res.hcv_digits); to fetch one, run "
@@ -147,8 +148,9 @@ def _local_dir_file(spec: str, directory: str) -> Path:
     for name in HUB_FILES:
         if (d / name).is_file():
             return d / name
-    raise UsageError(f"pretrained={spec!r}: {str(d)!r} holds neither {' nor '.join(HUB_FILES)}; accepted: a "
-                     "directory written by timm's save_for_hf or hcvision.models.save_pretrained")
+    raise UsageError(f"pretrained={spec!r}: {str(d)!r} is a directory without weights: looked for "
+                     f"{' and '.join(HUB_FILES)}; accepted: a weights file, or a directory written by timm's "
+                     "save_for_hf or hcvision.models.save_pretrained")
 
 
 def _timm_file(spec: str) -> Optional[Path]:
@@ -189,6 +191,8 @@ def resolve_pretrained(spec: str, head: str = "head", first_conv: str = "patch_e
         kind, path = "hf-hub", _hub_file(spec, spec[len("hf-hub:"):])
     elif Path(spec).expanduser().is_file():
         kind, path = "file", Path(spec).expanduser()
+    elif Path(spec).expanduser().is_dir():  # as timm's API takes one: its save_for_hf weights
+        kind, path = "local-dir", _local_dir_file(spec, spec)
     elif (timm_path := _timm_file(spec)) is not None:
         kind, path = "timm", timm_path
     else:

@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from .diffusion.guidance import resolve_guidance_channels
 from .eval.provenance import provenance_fields
 from .io import PathLike, atomic_write, write_json
 from .models.loading import load_model
+from .outputs import check_writable, run_dir_lock
 from .sampling_spec import SamplingSpec, add_arguments, settings_from_args
 
 __all__ = ["class_labels", "decode_to_uint8", "generate", "load_dit", "make_grid", "sample_seed", "sample_to_dir",
@@ -279,14 +279,7 @@ def check_out_dir(out: Path) -> None:
         raise UsageError(f"--out={str(out)!r} is a file, not a directory; choose a directory path")
     if (out / "samples.npz").exists():
         raise UsageError(f"--out={str(out)!r} already holds samples.npz; choose another directory")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"--out={str(out)!r} cannot be created: {str(parent)!r} is a regular file; choose a "
-                         "directory path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out={str(out)!r} cannot be written: no write permission in {str(parent)!r}")
+    check_writable(out, "--out")
 
 
 def parse_classes(spec: Optional[str], num_classes: int) -> Optional[List[int]]:
@@ -354,7 +347,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(_build_parser().parse_args(argv))
+    args = _build_parser().parse_args(argv)
+    check_out_dir(Path(args.out))
+    with run_dir_lock(args.out, "--out"):  # one sampler per output directory (rank 0 holds it)
+        return run(args)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,9 @@ def ws(tmp_path_factory, runner):
     dnan = {**dsd, "final_layer.linear.weight": torch.full_like(dsd["final_layer.linear.weight"], float("inf"))}
     save_file(dnan, str(root / "dit_nan.safetensors"), metadata=dmeta)
     (root / "a_file").write_text("x")
+    if os.geteuid() != 0:
+        (root / "read_only").mkdir()
+        (root / "read_only").chmod(0o555)
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "unknown_key.yaml").write_text("lrr: 0.1\n")
     (root / "bad_yaml.yaml").write_text("epochs: [1\n")
@@ -127,7 +130,10 @@ def _args(ws, args):
 CLS, DIT = str(REPO / "train_cls.py"), str(REPO / "train_dit.py")
 SAMPLE, EVAL, ANALYSIS, LATENTS = "hcvision.sample", "hcvision.eval.generative", "hcvision.analysis", \
     "hcvision.data.latents"
+COMPARE = "hcvision.compare"
 OUT = "output_dir={root}/new_run"
+# A location that cannot be written: under /sys for root (who ignores permission bits), else a read-only directory
+NO_WRITE = "/sys/hcvision_cannot_write_here" if os.geteuid() == 0 else "{root}/read_only/out"
 D_OUT = ["output_dir={root}/new_dit", "progress_bar=false", "tensorboard=false"]
 
 # (id, entry point, arguments, regex the message must match)
@@ -173,6 +179,32 @@ CASES = [
     ("cls-output-is-file", CLS, TINY_VIT + ["output_dir={root}/a_file"], r"not a directory"),
     ("cls-output-holds-run", CLS, TINY_VIT + ["output_dir={root}/run"], r"already holds a run"),
     ("dit-output-holds-run", DIT, ["output_dir={root}/run", "progress_bar=false"], r"already holds a run"),
+    # every entry point: a location under a regular file, and one that cannot be written (checked by a probe)
+    ("cls-output-under-file", CLS, TINY_VIT + ["output_dir={root}/a_file/run"], r"a_file.*regular file"),
+    ("cls-output-unwritable", CLS, TINY_VIT + [f"output_dir={NO_WRITE}"], r"cannot be written"),
+    ("dit-output-under-file", DIT, ["output_dir={root}/a_file/run", "progress_bar=false"], r"a_file.*regular file"),
+    ("dit-output-unwritable", DIT, [f"output_dir={NO_WRITE}", "progress_bar=false"], r"cannot be written"),
+    ("sample-out-unwritable", SAMPLE, ["--checkpoint", "{root}/dit.safetensors", "--num-samples", "2", "--out",
+                                       NO_WRITE], r"cannot be written"),
+    ("eval-out-unwritable", EVAL, ["--gen", "{root}/images/val/a", "--ref", "{root}/images/val/b", "--out",
+                                   NO_WRITE + "/r.json", "--feature-extractor", "hcv-digits", "--weights",
+                                   "{root}/vit.safetensors"], r"cannot be written"),
+    ("analysis-out-under-file", ANALYSIS, ["--model", "vit_digits_patch2_8_res", "--out", "{root}/a_file/a"],
+     r"a_file.*regular file"),
+    ("analysis-out-unwritable", ANALYSIS, ["--model", "vit_digits_patch2_8_res", "--out", NO_WRITE],
+     r"cannot be written"),
+    ("latents-out-under-file", LATENTS, ["--data-dir", "{root}/images/train", "--out", "{root}/a_file/lat", "--vae",
+                                         "none"], r"a_file.*regular file"),
+    ("latents-out-unwritable", LATENTS, ["--data-dir", "{root}/images/train", "--out", NO_WRITE, "--vae", "none"],
+     r"cannot be written"),
+    ("compare-run-out-under-file", COMPARE, ["run", "--config", "digits_res", "--kinds", "res", "--out",
+                                             "{root}/a_file/grid"], r"a_file.*regular file"),
+    ("compare-run-out-unwritable", COMPARE, ["run", "--config", "digits_res", "--kinds", "res", "--out", NO_WRITE],
+     r"cannot be written"),
+    ("compare-aggregate-out-under-file", COMPARE, ["aggregate", "{root}/run", "--out", "{root}/a_file/report"],
+     r"a_file.*regular file"),
+    ("compare-aggregate-out-unwritable", COMPARE, ["aggregate", "{root}/run", "--out", NO_WRITE],
+     r"cannot be written"),
     # -- checkpoints (evaluation) ------------------------------------------------------------------------------
     ("cls-eval-missing", CLS, TINY_VIT + ["eval_only=true", "checkpoint={root}/nope.safetensors"], r"nope"),
     ("cls-eval-truncated", CLS, TINY_VIT + ["eval_only=true", "checkpoint={root}/truncated.safetensors"],
@@ -184,6 +216,8 @@ CASES = [
     ("cls-eval-classes", CLS, TINY_VIT + ["eval_only=true", "checkpoint={root}/vit_7cls.safetensors"], r"7 classes"),
     ("cls-eval-foreign", CLS, TINY_VIT + ["eval_only=true", "checkpoint={root}/dit.safetensors"], r"dit.safetensors"),
     ("cls-eval-dir-without-weights", CLS, TINY_VIT + ["eval_only=true", "checkpoint={root}/images"], r"no weights"),
+    ("cls-pretrained-dir-without-weights", CLS, TINY_VIT + [OUT, "pretrained={root}/images"],
+     r"images.*directory without weights.*model.safetensors and pytorch_model.bin"),
     # -- resume ------------------------------------------------------------------------------------------------
     ("resume-not-a-checkpoint", CLS, TINY_VIT + [OUT, "resume={root}/images"], r"resume"),
     ("resume-missing", CLS, TINY_VIT + [OUT, "resume={root}/nope"], r"resume"),
@@ -209,6 +243,9 @@ CASES = [
     ("dit-dropout", DIT, D_OUT + ["class_dropout_prob=1"], r"class_dropout_prob"),
     ("dit-steps", DIT, D_OUT + ["sampling_steps=0"], r"sampling_steps=0"),
     ("dit-norm", DIT, D_OUT + ["diffusion_norm=-2"], r"diffusion_norm=-2"),
+    ("dit-repa-encoder-of-another-network", DIT, D_OUT + ["repa_weight=0.5", "repa_block=2",
+                                                          "repa_encoder={root}/vit.safetensors"],
+     r"vit.safetensors.*patch_embed.proj.weight is \(32, 1, 2, 2\)"),
     # -- sampling ----------------------------------------------------------------------------------------------
     ("sample-missing", SAMPLE, ["--checkpoint", "{root}/nope", "--num-samples", "2", "--out", "{root}/s"], r"nope"),
     ("sample-truncated", SAMPLE, ["--checkpoint", "{root}/truncated.safetensors", "--num-samples", "2", "--out",

@@ -267,3 +267,44 @@ def test_dit_grid_and_fid_report(tmp_path, capsys):
     assert rep["paired"]["fid"]["shc2"]["diffs"] == [-3.0, -1.5]
     assert rep["table"]["res"]["metrics"]["final_loss"]["mean"] == 0.25
     assert "(lower is better)" in (tmp_path / "rep" / "summary.md").read_text()
+
+
+def _fake_run(d: Path, kind: str, seed: int, top1: float) -> Path:
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"model": f"vit_digits_patch2_8_{kind}", "top1": top1}))
+    (d / "config.yaml").write_text(f"model: vit_digits_patch2_8_{kind}\nseed: {seed}\noutput_dir: {d}\n")
+    return d
+
+
+def test_aggregate_skips_damaged_runs_and_grid_record_with_a_warning(tmp_path, capsys):
+    """One damaged results.json, cell.json or config.yaml, or a damaged compare.json, does not take the report down:
+    each is named in a warning and counted as missing in summary.md; the readable runs are reported."""
+    src = tmp_path / "grid" / "runs"
+    for i, (kind, seed, top1) in enumerate([("res", 0, 90.0), ("res", 1, 91.0), ("dhc2", 0, 92.0), ("dhc2", 1, 93.0)]):
+        _fake_run(src / f"r{i}", kind, seed, top1)
+    (src / "r1" / "results.json").write_text('{"top1": 91.0, "mod')  # cut by a full disk
+    (src / "r3" / "cell.json").write_text("[1, 2]")  # not an object
+    _fake_run(src / "r4", "dhc2", 2, 94.0)
+    (src / "r4" / "config.yaml").write_text("model: [unclosed\n")
+    (tmp_path / "grid" / "compare.json").write_bytes(b"\x00\x01 not json")
+    out = tmp_path / "report"
+    assert main(["aggregate", str(src), "--out", str(out), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    for name in ("r1/results.json", "r3/cell.json", "r4/config.yaml", "grid/compare.json"):
+        assert "warning: skipped" in err and name in err, (name, err)
+    assert "Traceback" not in err
+    summary = (out / "summary.md").read_text()
+    assert "4 file(s) unreadable (counted as missing)" in summary
+    rep = json.loads((out / "summary.json").read_text())
+    assert rep["num_runs"] == 2 and {v: t["seeds"] for v, t in rep["table"].items()} == {"res": [0], "dhc2": [0]}
+    assert len(rep["unreadable"]) == 4
+
+
+def test_aggregate_refuses_only_when_nothing_readable_is_left(tmp_path, capsys):
+    src = tmp_path / "runs"
+    _fake_run(src / "a", "res", 0, 90.0)
+    (src / "a" / "results.json").write_text("{")
+    assert main(["aggregate", str(src), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no finished runs" in err and "a/results.json" in err
+    assert not (tmp_path / "o").exists()

@@ -103,6 +103,7 @@ def setup(tmp_path_factory):
         "bad_labels": _npz(work / "bad_labels.npz", arr_0=imgs, arr_1=np.arange(3)),
         "labels_11": _npz(work / "labels_11.npz", arr_0=imgs, arr_1=np.full(10, 11)),
         "not_npz": str(work / "not_npz.npz"),
+        "objects": _npz(work / "objects.npz", arr_0=np.array([{"a": 1}, None], dtype=object)),
         "a_file": str(work / "a_file.txt"),
         "marker": str(root / "pwned"),
     }
@@ -125,6 +126,9 @@ def setup(tmp_path_factory):
     meta = {"model": "vit_digits_patch2_8_res", "model_kwargs": json.dumps(tiny)}
     save_file(state, str(work / "nan_clf.safetensors"), metadata=meta)
     f["nan_clf"] = str(work / "nan_clf.safetensors")
+    deeper = timm.create_model("vit_digits_patch2_8_res", **{**tiny, "depth": 2})  # recorded as depth 1
+    save_file(deeper.state_dict(), str(work / "deeper_clf.safetensors"), metadata=meta)
+    f["deeper_clf"] = str(work / "deeper_clf.safetensors")
     feats = rng.normal(size=(10, 32)).astype(np.float32)
     other = FeatureStats(mu=feats.mean(0).astype(np.float64), sigma=np.cov(feats, rowvar=False),
                          feature_extractor="hcv-digits", weights_sha256="0" * 64, num_samples=10, features=feats)
@@ -166,6 +170,17 @@ def _cases(f: dict, logs: Path) -> list[tuple[str, list[str], dict, list[str]]]:
         ("mixed_image_sizes", ["--gen", f["mixed"], "--ref", f["ref"], "--no-isc", "--no-prc", *inc], {},
          ["mixed", "different sizes", "8x8", "8x9"]),
         ("not_an_npz", ["--gen", f["not_npz"], "--ref", f["ref"], *inc], {}, ["not_npz.npz", "not a readable"]),
+        # feature-extractor weights of another network: refused naming tensors, before any image is processed
+        ("inception_weights_of_another_network", ["--gen", f["gen"], "--ref", f["ref"], "--inception-weights",
+                                                  f["clf"]], {}, ["clf.safetensors", "InceptionV3", "missing keys"]),
+        ("digits_classifier_of_another_depth", ["--gen", f["gen"], "--ref", f["ref"], "--feature-extractor",
+                                                "hcv-digits", "--weights", f["deeper_clf"], "--device", "cpu"], {},
+         ["deeper_clf.safetensors", "blocks.1.attn"]),
+        ("npz_of_python_objects", ["--gen", f["objects"], "--ref", f["ref"], *inc], {},
+         ["objects.npz", "'arr_0'", "Python objects"]),
+        ("dinov2_weights_of_another_network", ["--gen", f["gen"], "--ref", f["ref"], "--fd-dinov2", "--dinov2-weights",
+                                               f["clf"], *dig], {},
+         ["clf.safetensors", "patch_embed.proj.weight", "(32, 1, 2, 2)"]),
         ("missing_gen", ["--gen", f["gen"] + ".missing", "--ref", f["ref"], *inc], {}, ["gen.npz.missing",
                                                                                         "does not exist"]),
         ("inception_weights_missing_file", ["--gen", f["gen"], "--ref", f["ref"], "--inception-weights",

@@ -55,16 +55,24 @@ def run_dir(tmp_path_factory):
 @pytest.mark.parametrize("scheduler,cfg", [("ddpm", 2.0), ("dpmsolver++", 1.0), ("ddim", 1.5), ("sde", 2.0),
                                            ("heun", 1.5)])
 def test_per_row_generators_equal_one_generator_per_call(scheduler, cfg):
-    """Row i of a batch sampled with generators [g_0, g_1, g_2] is the batch-of-one chain sampled with g_i."""
-    model = tiny_dit()
+    """Row i of a batch sampled with generators [g_0, g_1, g_2] is the batch-of-one chain sampled with g_i.
+
+    The claim is exactness up to the rounding of another batch shape, so the model runs in float64 (its matmuls'
+    batch-shape-dependent rounding, which differs between CPUs, is ~1e-16 there; in float32 it reached 1.9e-5 on an
+    AMD EPYC). What remains is a possible one-ulp float32 flip when its output is cast back, carried through the
+    steps: the tolerance is num_steps ulps of the samples' scale per guidance branch."""
+    model = tiny_dit().double()
+    denoiser = lambda x, t, y: model(x.double(), t, y).float()  # noqa: E731  (the sampler's arithmetic stays float32)
     y = torch.tensor([7, 2, 5])
     gen = lambda i: torch.Generator().manual_seed(sample_seed(3, i))  # noqa: E731
-    kw = dict(scheduler=scheduler, num_steps=6, guidance_scale=cfg, null_class=model.null_class)
-    batch = diffusion_sample(model, (3, 1, 8, 8), y, generator=[gen(i) for i in range(3)], **kw)
+    steps = 6
+    kw = dict(scheduler=scheduler, num_steps=steps, guidance_scale=cfg, null_class=model.null_class)
+    batch = diffusion_sample(denoiser, (3, 1, 8, 8), y, generator=[gen(i) for i in range(3)], **kw)
+    tol = steps * (1 + 2 * cfg) * torch.finfo(torch.float32).eps
     for i in range(3):
-        alone = diffusion_sample(model, (1, 1, 8, 8), y[i:i + 1], generator=gen(i), **kw)
-        torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-5, atol=1e-5)  # other batch shape: rounding only
-    again = diffusion_sample(model, (3, 1, 8, 8), y, generator=[gen(i) for i in range(3)], **kw)
+        alone = diffusion_sample(denoiser, (1, 1, 8, 8), y[i:i + 1], generator=gen(i), **kw)
+        torch.testing.assert_close(batch[i:i + 1], alone, rtol=tol, atol=tol * float(batch.abs().max()))
+    again = diffusion_sample(denoiser, (3, 1, 8, 8), y, generator=[gen(i) for i in range(3)], **kw)
     assert torch.equal(batch, again)
 
 

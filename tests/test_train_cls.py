@@ -221,7 +221,8 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path, runner):
                          cwd=str(tmp_path), env=_env())
     try:
         metrics = out / "metrics.jsonl"
-        for _ in range(600):  # poll for the first logged step (startup time varies with machine load)
+        deadline = time.monotonic() + 900  # only a guard against a hang: the wait ends on the condition
+        while time.monotonic() < deadline:  # the first logged step (startup time varies with machine load)
             if metrics.exists() and metrics.read_text().strip():
                 break
             if child.poll() is not None:

@@ -19,6 +19,7 @@ import torch
 from ..cli import UsageError, run_cli
 from ..io import write_json
 from ..models.loading import check_model_name, load_model
+from ..outputs import check_writable
 
 __all__ = ["main", "analyse", "load_images", "build_model"]
 
@@ -112,6 +113,7 @@ def analyse(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     )
 
     args = parse_args(argv)
+    check_writable(args.out, "--out")
     torch.manual_seed(args.seed)
     classes = _parse_classes(args.classes)
     model = build_model(args.model, args.checkpoint).eval()

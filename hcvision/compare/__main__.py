@@ -1,5 +1,6 @@
 import sys
 
-from .cli import main
+from ..cli import run_cli
+from .cli import PROG, main
 
-sys.exit(main())
+sys.exit(run_cli(main, prog=PROG))

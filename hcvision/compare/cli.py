@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -81,7 +80,14 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                           overrides=args.overrides, trainer=args.trainer, threads=args.threads)
     except SpecError as e:
         return _fail(str(e))
+    from ..cli import UsageError
     from ..io import write_json
+    from ..outputs import check_writable
+
+    try:
+        check_writable(spec.out, "--out")
+    except UsageError as e:
+        return _fail(str(e))
 
     command = _invocation(argv)
     record = {"command": command, "cwd": str(Path.cwd()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -123,27 +129,40 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _aggregate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .report import aggregate_command, collect_runs, write_report
+    from ..cli import UsageError
+    from ..outputs import check_writable
+    from .report import aggregate_command, collect_runs, read_json_object, write_report
 
     sources = [Path(s) for s in args.sources]
     for s in sources:
         if not s.is_dir():
             return _fail(f"{str(s)!r} is not a directory; accepted: directories holding finished runs "
                          "(results.json)")
-    runs, _ = collect_runs(sources)
+    try:
+        check_writable(args.out, "--out")
+    except UsageError as e:
+        return _fail(str(e))
+    damaged: list = []
+    runs, _ = collect_runs(sources, damaged)
     if not runs:
-        return _fail(f"no finished runs (results.json) under {', '.join(map(str, sources))}")
-    regenerate = []
+        why = f"; unreadable: {', '.join(f'{f} ({r})' for f, r in damaged)}" if damaged else ""
+        return _fail(f"no finished runs (results.json) under {', '.join(map(str, sources))} could be read{why}")
+    regenerate, unreadable = [], []
     for s in sources:  # the grid that made the runs, when the runner recorded it
         for cand in (s / "compare.json", s.parent / "compare.json"):
             if cand.is_file():
-                cmd = json.loads(cand.read_text()).get("command")
+                try:
+                    cmd = read_json_object(cand).get("command")
+                except ValueError as err:  # the report stands without the grid's command
+                    print(f"warning: skipped {str(cand)!r}: not readable ({err})", file=sys.stderr)
+                    unreadable.append((cand, str(err)))
+                    break
                 if cmd and cmd not in regenerate:
                     regenerate.append(cmd)
                 break
     regenerate.append(aggregate_command(sources, Path(args.out), args.baseline, args.title))
     write_report(sources, Path(args.out), baseline=args.baseline, plots=not args.no_plots, regenerate=regenerate,
-                 title=args.title)
+                 title=args.title, unreadable=unreadable)
     print((Path(args.out) / "summary.md").read_text())
     return 0
 

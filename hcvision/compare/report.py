@@ -16,6 +16,7 @@ import json
 import math
 import re
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -114,8 +115,34 @@ def _kind_of(config: Dict[str, Any], results: Dict[str, Any]) -> str:
     return m.group(1) if m else ""
 
 
-def collect_runs(sources: Sequence[Path]) -> Tuple[List[Run], List[Path]]:
-    """Finished runs under ``sources`` (searched recursively) and the run directories that are not finished."""
+def read_json_object(path: Path) -> Dict[str, Any]:
+    """A JSON object from ``path``; ``ValueError`` (one line) when the file is unreadable, damaged or no object."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _read_yaml_object(path: Path) -> Dict[str, Any]:
+    try:
+        obj = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"a YAML {type(obj).__name__}, not a mapping")
+    return obj
+
+
+def collect_runs(sources: Sequence[Path], damaged: Optional[List[Tuple[Path, str]]] = None
+                 ) -> Tuple[List[Run], List[Path]]:
+    """Finished runs under ``sources`` (searched recursively) and the run directories that are not finished.
+
+    A run whose results.json, config.yaml or cell.json cannot be read (damaged, truncated, not an object) is left
+    out, and ``(file, reason)`` is appended to ``damaged`` when given: one bad run does not take a report down.
+    """
     runs: List[Run] = []
     unfinished: List[Path] = []
     seen: set = set()
@@ -130,10 +157,18 @@ def collect_runs(sources: Sequence[Path]) -> Tuple[List[Run], List[Path]]:
             if not (d / "results.json").is_file():
                 unfinished.append(d)
                 continue
-            results = json.loads((d / "results.json").read_text())
-            config = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
-            cell = json.loads((d / "cell.json").read_text()) if (d / "cell.json").is_file() else {}
-            runs.append(Run(d, results, config or {}, cell, read_curves(d / "metrics.jsonl")))
+            try:
+                file = d / "results.json"
+                results = read_json_object(file)
+                file = d / "config.yaml"
+                config = _read_yaml_object(file) if file.is_file() else {}
+                file = d / "cell.json"
+                cell = read_json_object(file) if file.is_file() else {}
+            except ValueError as err:
+                if damaged is not None:
+                    damaged.append((file, str(err)))
+                continue
+            runs.append(Run(d, results, config, cell, read_curves(d / "metrics.jsonl")))
     _label(runs)
     return runs, unfinished
 
@@ -415,14 +450,23 @@ def _json_safe(obj: Any) -> Any:
 
 
 def write_report(sources: Sequence[Path], out: Path, *, baseline: str = "res", plots: bool = True,
-                 regenerate: Sequence[str] = (), title: str = "Comparison") -> Dict[str, Any]:
-    """Collect the runs under ``sources`` and write ``out/{summary.md, summary.json, curves_*.png}``."""
+                 regenerate: Sequence[str] = (), title: str = "Comparison",
+                 unreadable: Sequence[Tuple[Path, str]] = ()) -> Dict[str, Any]:
+    """Collect the runs under ``sources`` and write ``out/{summary.md, summary.json, curves_*.png}``.
+
+    Each damaged run is skipped with a warning on stderr naming the file and counted as missing in summary.md, as
+    are the ``unreadable`` files the caller met (e.g. a damaged compare.json).
+    """
     from ..provenance import run_provenance
 
-    runs, unfinished = collect_runs(sources)
+    damaged: List[Tuple[Path, str]] = list(unreadable)
+    runs, unfinished = collect_runs(sources, damaged)
+    for file, why in damaged[len(unreadable):]:
+        print(f"warning: skipped {str(file)!r}: not readable ({why})", file=sys.stderr)
     report = build_report(runs, baseline=baseline)
     report["sources"] = [str(Path(s).resolve()) for s in sources]
     report["unfinished"] = [str(p) for p in unfinished]
+    report["unreadable"] = [{"file": str(f), "reason": why} for f, why in damaged]
     report["regenerate"] = list(regenerate)
     report["provenance"] = run_provenance()
     out = Path(out)
@@ -431,6 +475,9 @@ def write_report(sources: Sequence[Path], out: Path, *, baseline: str = "res", p
     text = markdown(report, regenerate=regenerate, title=title)
     if unfinished:
         text += f"\n{len(unfinished)} run(s) not finished (left out): " + ", ".join(map(str, unfinished)) + "\n"
+    if damaged:
+        text += f"\n{len(damaged)} file(s) unreadable (counted as missing): " + \
+            ", ".join(f"{f} ({why})" for f, why in damaged) + "\n"
     report["curves_data"] = {v: {r.seed: {k: r.curves.get(k) for k in ["train/loss", *CURVE_METRICS, *CURVE_DIAGNOSTICS]
                                           if k in r.curves} for r in runs if r.variant == v}
                              for v in report["variants"]}

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..cli import UsageError, run_cli
 from ..io import save_safetensors, write_json
+from ..outputs import run_dir_lock
 from .latent_dataset import FORMAT_VERSION, MANIFEST, SHARD_DIR, LatentDataset, is_latent_dir, read_manifest
 from .vae import DEFAULT_SCALE_FACTOR, DEFAULT_VAE, VaeUnavailableError, encode_moments, load_vae
 
@@ -371,9 +372,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     settings = ExtractionSettings(vae=args.vae, image_size=args.image_size, flip=not args.no_flip, dtype=args.dtype,
                                   shard_size=args.shard_size, channels=args.channels)
-    manifest = extract_latents(args.data_dir, args.out, settings, split=args.split, data_root=args.data_root,
-                               batch_size=args.batch_size,
-                               num_workers=args.num_workers)
+    with run_dir_lock(args.out, "--out"):  # checked writable, then one extraction per directory
+        manifest = extract_latents(args.data_dir, args.out, settings, split=args.split, data_root=args.data_root,
+                                   batch_size=args.batch_size,
+                                   num_workers=args.num_workers)
     if manifest is not None:
         print(json.dumps({k: manifest[k] for k in ("num_samples", "mode", "views", "sample_shape", "scale_factor")}))
     return 0

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from .. import io
+from ..cli import OutOfSpaceError, out_of_space
 from .config import ConfigError
 
 __all__ = ["TrainState", "CheckpointManager", "check_output_dir", "validate_resume"]
@@ -123,12 +124,19 @@ class CheckpointManager:
             if tmp.exists():  # left over from a crash during a previous save
                 shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        io.failpoint("checkpoint.state_saved")
-        if acc.is_main_process:
-            if ema_state is not None:
-                io.save_safetensors(ema_state, tmp / "ema.safetensors")
-            io.write_json(tmp / "train_state.json", state.to_dict())
+        try:
+            acc.save_state(str(tmp))
+            io.failpoint("checkpoint.state_saved", tmp)
+            if acc.is_main_process:
+                if ema_state is not None:
+                    io.save_safetensors(ema_state, tmp / "ema.safetensors")
+                io.write_json(tmp / "train_state.json", state.to_dict())
+        except (OSError, RuntimeError) as err:
+            why = out_of_space(err, self.root)
+            if not why:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # the partial checkpoint, so the space comes back
+            raise OutOfSpaceError(tmp, why, "the partial checkpoint was removed") from None
         # save_state has no barrier at its end (PITFALLS): every rank's RNG file must be on disk first.
         acc.wait_for_everyone()
         if acc.is_main_process:

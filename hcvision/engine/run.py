@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Type
 import torch
 
 from .. import io
-from ..cli import run_cli
+from ..cli import OutOfSpaceError, is_main_rank, out_of_space, run_cli
+from ..outputs import RunLock, check_writable
 from ..provenance import run_provenance
 from .accel import build_accelerator, per_device_batch_size, release_accelerator, seed_everything
 from .checkpoint import CheckpointManager, check_output_dir, validate_resume
@@ -38,8 +39,20 @@ class Run:
 
     def __init__(self, cfg: BaseTrainConfig, name: str, *, writes: bool = True,
                  tensorboard: Optional[bool] = None) -> None:
+        self.lock: Optional[RunLock] = None
         if writes:
             check_output_dir(cfg.output_dir, cfg.resume)
+            check_writable(cfg.output_dir, "output_dir")
+            if is_main_rank():  # one writer per run directory, before anything is written
+                self.lock = RunLock(cfg.output_dir, "output_dir").acquire()
+        try:
+            self._setup(cfg, name, writes, tensorboard)
+        except BaseException:  # a refused set-up leaves no lock file behind
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _setup(self, cfg: BaseTrainConfig, name: str, writes: bool, tensorboard: Optional[bool]) -> None:
         self.cfg, self.name, self.writes = cfg, name, writes
         self.out = Path(cfg.output_dir)
         self.acc = build_accelerator(cfg, log_with_tensorboard=tensorboard if writes else False)
@@ -187,12 +200,26 @@ class Run:
 
     def close(self) -> None:
         release_accelerator(self.acc)
+        if self.lock is not None:
+            self.lock.release()
 
     def __enter__(self) -> "Run":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Optional[BaseException], tb: Any) -> None:
+        """Close; a write that failed for want of space becomes one line naming the last complete checkpoint."""
+        try:
+            why = out_of_space(exc, self.out) if isinstance(exc, (OSError, RuntimeError)) else None
+            if why:
+                latest = io.find_checkpoints(self.out)
+                path = exc.path if isinstance(exc, OutOfSpaceError) else getattr(exc, "filename", None) or self.out
+                what = exc.what if isinstance(exc, OutOfSpaceError) else "the write failed"
+                raise OutOfSpaceError(path, why, f"{what}; last complete checkpoint: "
+                                      f"{str(latest[-1]) if latest else 'none'}",
+                                      "free space (or copy output_dir where there is room) and rerun with "
+                                      "resume=auto") from None
+        finally:
+            self.close()
 
 
 def train_main(config_cls: Type[BaseTrainConfig], run: Callable[[Any], int], argv: Optional[Sequence[str]],

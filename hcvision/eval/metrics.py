@@ -33,6 +33,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from ..cli import UsageError
 from ..io import PathLike
+from ..outputs import check_writable
 from .dinov2 import DINOV2_EXTRACTOR, resolve_dinov2_weights
 from .features import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, SPATIAL_FEATURE, class_accuracy
 from .npz import (
@@ -187,8 +188,7 @@ def check_output_path(path: PathLike, what: str = "output", suffix: Optional[str
         if parent.exists():
             if not parent.is_dir():
                 raise UsageError(f"{what} {str(path)!r} lies under {str(parent)!r}, which is a file, not a directory")
-            if not os.access(parent, os.W_OK):
-                raise UsageError(f"{what} {str(path)!r}: the directory {str(parent)!r} is not writable")
+            check_writable(path, what, is_dir=False)  # a probe: permission bits do not tell root or a read-only mount
             break
     return path
 

@@ -46,10 +46,35 @@ STATS_FORMAT = "hcvision-feature-stats-v1"
 AUX_STATS = ("spatial", "dinov2")
 
 
+class _SafeNpz:
+    """An open ``.npz`` whose arrays are read with ``allow_pickle=False``; an array of Python objects (a pickle) is a
+    one-line :class:`UsageError` naming the file and the array, not numpy's ``ValueError``."""
+
+    def __init__(self, npz: Any, path: PathLike) -> None:
+        self._npz, self.path, self.files = npz, path, npz.files
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            return self._npz[key]
+        except ValueError as err:
+            if "allow_pickle" not in str(err):
+                raise
+            raise UsageError(f"{str(self.path)!r}: array {key!r} holds Python objects (a pickle), which are never "
+                             "loaded; accepted: numeric arrays (uint8 NHWC images in arr_0, integer labels in "
+                             "arr_1, float statistics)") from None
+
+    def __enter__(self) -> "_SafeNpz":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._npz.close()
+
+
 def open_npz(path: PathLike, what: str = "file") -> Any:
-    """``np.load(path, allow_pickle=False)`` with a one-line :class:`UsageError` for a missing or non-npz file."""
+    """``np.load(path, allow_pickle=False)`` with a one-line :class:`UsageError` for a missing or non-npz file, or
+    an array of objects."""
     try:
-        return np.load(path, allow_pickle=False)
+        return _SafeNpz(np.load(path, allow_pickle=False), path)
     except FileNotFoundError:
         raise UsageError(f"{what} {str(path)!r} does not exist") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:

@@ -18,6 +18,7 @@ model built with ``numerics="diffusers"``; to run its weights with DiT's numeric
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from ..io import unwrap_state_dict
 
 __all__ = [
+    "WEIGHTS_FILE_NAMES", "check_pretrained_file",
     "is_connection_key", "split_connection_state", "complete_connections", "check_fits", "timm_adapted_keys",
     "vit_checkpoint_filter_fn", "dit_checkpoint_filter_fn", "diffusers_to_dit_state_dict", "is_diffusers_state_dict",
 ]
@@ -80,6 +82,30 @@ def check_fits(merged: Mapping[str, torch.Tensor], target: Mapping[str, torch.Te
     if unexpected:
         detail.append(f"not in model: {_listed(unexpected)}")
     raise ValueError(f"checkpoint does not fit {what}: " + " | ".join(detail) + f". Accepted: {accepted}.")
+
+
+#: the weights files of a directory in timm's save_for_hf layout, safest first
+WEIGHTS_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def check_pretrained_file(pretrained: bool, kwargs: Dict[str, Any]) -> None:
+    """Before timm loads ``pretrained_cfg_overlay=dict(file=...)``: a directory is read as timm's save_for_hf layout
+    (its ``model.safetensors``), and a directory without weights or a missing file is a ``FileNotFoundError`` that
+    says so (timm's loader raises one without a message)."""
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    file = overlay.get("file") if isinstance(overlay, Mapping) else None
+    if not pretrained or not file:
+        return
+    path = Path(file)
+    if path.is_dir():
+        found = [path / name for name in WEIGHTS_FILE_NAMES if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"pretrained file {str(path)!r} is a directory without weights: looked for "
+                                    f"{' and '.join(WEIGHTS_FILE_NAMES)}; accepted: a weights file, or a directory "
+                                    "holding one of those")
+        kwargs["pretrained_cfg_overlay"] = {**overlay, "file": str(found[0])}
+    elif not path.is_file():
+        raise FileNotFoundError(f"pretrained file {str(path)!r} does not exist")
 
 
 def _names(value: Any) -> Tuple[str, ...]:

@@ -44,7 +44,10 @@ from ._common import (
     variant_title,
 )
 from ._registry import register_variants, variant_cfgs
-from .convert import diffusers_to_dit_state_dict  # noqa: F401  (public here since the first release)
+from .convert import (
+    check_pretrained_file,
+    diffusers_to_dit_state_dict,  # noqa: F401  (public here since the first release)
+)
 from .convert import dit_checkpoint_filter_fn as checkpoint_filter_fn
 
 __all__ = [
@@ -345,6 +348,7 @@ def _describe(size: str, kind: str, rate: int) -> str:
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> HCDiT:
+    check_pretrained_file(pretrained, kwargs)
     return build_model_with_cfg(HCDiT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 

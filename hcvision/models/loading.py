@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 
 from ..cli import UsageError
-from ..io import PathLike, _first_line, check_finite, file_sha256, load_weights, resolve_weights
+from ..io import PathLike, _first_line, check_finite, file_sha256, layout_mismatch, load_weights, resolve_weights
 from .convert import dit_checkpoint_filter_fn, vit_checkpoint_filter_fn
 from .dit import HCDiT
 from .vit import HCVisionTransformer
@@ -144,6 +144,12 @@ def load_dinov2(path: PathLike, model_name: Optional[str] = None, model_kwargs: 
     state, metadata = load_weights(path, what="DINOv2 weights")
     source = f"DINOv2 weights {str(path)!r}"
     check_finite(state, source)
+    hint = f"pass {key}=NAME naming the timm ViT the file was saved from"
+    patch = state.get("patch_embed.proj.weight")
+    if patch is None or patch.ndim != 4 or patch.shape[1] != 3:  # before any image is seen: an RGB patch embedding
+        found = "missing" if patch is None else f"{tuple(patch.shape)}"
+        raise UsageError(f"{source} does not hold an RGB ViT feature extractor: first mismatched tensor "
+                         f"patch_embed.proj.weight is {found}, expected (embed_dim, 3, patch, patch); {hint}")
     recorded_name, recorded_kwargs = recorded_model(metadata, source)
     name = model_name or recorded_name or DEFAULT_DINOV2_MODEL
     check_model_name(name.split(".")[0], "vit_", what="timm ViT for DINOv2 features", key=key)
@@ -156,11 +162,13 @@ def load_dinov2(path: PathLike, model_name: Optional[str] = None, model_kwargs: 
         # converts the original DINOv2 layout (w12/w3, mask_token, register tokens) and resamples the position
         # embedding to the input grid; antialias=False as in DINOv2's interpolate_pos_encoding
         state = checkpoint_filter_fn(dict(state), model, interpolation="bicubic", antialias=False)
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the classifier is not used
-        model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise UsageError(f"{source} does not fit {name!r} ({first}); pass {key}=NAME naming the timm ViT the file "
-                         "was saved from") from None
+        raise UsageError(f"{source} does not fit {name!r} ({first}); {hint}") from None
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the classifier is not used
+    problem = layout_mismatch(state, model.state_dict())
+    if problem:
+        raise UsageError(f"{source} does not fit {name!r}: {problem}; {hint}")
+    model.load_state_dict(state, strict=True)
     model.eval().requires_grad_(False)
     return model, file_sha256(path)

@@ -39,6 +39,7 @@ from ._common import (
     variant_title,
 )
 from ._registry import register_variants, variant_cfgs
+from .convert import check_pretrained_file
 from .convert import vit_checkpoint_filter_fn as checkpoint_filter_fn
 
 __all__ = ["HCBlock", "HCVisionTransformer", "checkpoint_filter_fn", "VIT_SIZES", "VIT_MODEL_NAMES"]
@@ -248,6 +249,7 @@ def _describe(size: str, kind: str, rate: int) -> str:
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> HCVisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
+    check_pretrained_file(pretrained, kwargs)
     return build_model_with_cfg(
         HCVisionTransformer,
         variant,

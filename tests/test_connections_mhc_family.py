@@ -205,8 +205,8 @@ def test_init_is_prenorm_exact_and_h_res_near_identity(kind, rate):
     for conn, T in zip(conns, branches):
         H = conn(H, T)
     # Streams stay equal and each holds the residual stream; the read-out sums them (the final norm drops the n).
-    # Tolerance: b_pre = logit(1/n) is stored in fp32, so H_pre sums to 1 within ~1e-8; the branch's LayerNorm
-    # removes the scale up to its eps (a ~1e-11 effect).
+    # Tolerance: b_pre (the logits of weights summing to 1) is stored in fp32, so H_pre sums to 1 within ~1e-7; the
+    # branch's LayerNorm removes the scale up to its eps (a ~1e-11 effect).
     torch.testing.assert_close(reduce_streams(H, kind), rate * ref, rtol=1e-10, atol=1e-10)
     h_res = conns[0].static_coefficients()[0][:, 1:].T.double()  # fp32 (the diagnostics' input)
     diag = torch.diagonal(h_res)

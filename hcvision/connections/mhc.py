@@ -30,20 +30,24 @@ Since all streams start equal and ``H_res`` has unit row sums, the network at in
 residual network, while ``H_res`` stays close to ``I`` so that streams, once they differ, are not averaged away.
 
 Why ``H_pre`` is not uniform: the streams start as ``n`` copies of the embedding, and with ``H_pre = 1/n`` on every
-stream (this project's init before the change) every map above treats the streams alike, so the whole network is
-symmetric under permuting them: equal streams get equal gradients and stay equal for ever (stream cosine exactly 1
-after training; the model is a residual network with a few scalars). Favouring one stream per sublayer makes the
-gradients reaching the streams differ (``dL/dx_i`` carries ``H_pre,i dL/dh``), so ``H_post``, ``phi`` and then the
-streams themselves separate from the first step. Why ``p = sigmoid(1)``: HC's one-hot (``p = 1``) is out of reach of
-a sigmoid, and near it the other entries' sigmoids saturate (``dH/db = H (1 - H)``) and barely learn. The KromHC
-authors' code (``wz1119/KromHC``, ``hyper_conn/Kromhc.py``) breaks the tie the same way, with pre logits ``+1`` on
-stream ``layer_index mod n`` and ``-1`` on the others (a random stream without a layer index); for ``n = 2`` that is
-exactly ``p = sigmoid(1)``, and its weights sum to 1. For ``n > 2`` theirs sum to ``sigmoid(1) + (n-1) sigmoid(-1)``,
-which would scale the branch input, so we keep the favoured weight and share the rest (they also start ``H_post`` at
-``2 sigmoid(+-1)``; we keep ``H_post = 1``, HC's ``B = 1``). mHC's paper gives no bias init, and DeepSeek's released
-code is inference code whose biases come from the checkpoint. ``pre_init = 1/n`` gives the symmetric init back (to
-reproduce runs made with it). For ``n = 1`` there is nothing to mix: ``H_pre`` starts at 0.5, which a Pre-Norm branch
-does not see.
+stream (this project's init before the change; ``pre_init = 1/n`` gives it back) every map above treats the streams
+alike, so the network is symmetric under permuting them: equal streams get equal gradients and, in exact arithmetic,
+stay equal for ever (a residual network with a few scalars). In fp32 only rounding differences set them apart, slowly
+(digits ``mhc2``, one seed: stream cosine exactly 1.0 after one epoch). Favouring one stream per sublayer makes the
+gradient reaching stream ``i`` carry ``H_pre,i`` times the branch input's gradient, so the streams' ``H_post`` (of
+every sublayer but the last) and ``phi`` already move differently in the first step, and the streams then separate.
+(``H_pre`` itself gets almost no gradient while the streams are equal: a Pre-Norm branch does not see the scale of its
+input.)
+
+Why ``p = sigmoid(1)``: HC's one-hot (``p = 1``) is out of reach of a sigmoid, and near it the other entries' sigmoids
+saturate (``dH/db = H (1 - H)``) and barely learn. Public mHC-family code breaks the tie the same way, with a
+layer-dependent favoured stream at logit ``+1``: the KromHC authors' code (``wz1119/KromHC``, ``hyper_conn/Kromhc.py``)
+puts pre logits ``+1`` on stream ``layer_index mod n`` and ``-1`` on the others (a random stream when no layer index is
+given), and the ``hyper-connections`` package's mHC (``lucidrains/hyper-connections``) ``+1`` and ``0``. For ``n = 2``
+KromHC's is exactly ``p = sigmoid(1)`` with weights summing to 1; for ``n > 2`` both sum to more than 1, which would
+scale the branch input, so we keep the favoured weight and share ``1 - p`` among the others. (KromHC also starts
+``H_post`` at ``2 sigmoid(+-1)``; we keep ``H_post = 1``, HC's ``B = 1``.) mHC's paper leaves the biases' init open.
+For ``n = 1`` there is nothing to mix: ``H_pre`` starts at 0.5, which a Pre-Norm branch does not see.
 
 Sinkhorn-Knopp runs in the log domain (``L <- L - logsumexp(L)`` over columns, then rows), the same iterations as
 normalising ``exp(L)``, but finite for any finite logits: in fp32 on ``exp(logits - max)`` a whole column underflows

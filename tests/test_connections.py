@@ -209,7 +209,8 @@ def test_mhc_init_coefficients():
     M = conn.matrix(torch.randn(3, n, DIM))  # per token; phi = 0 so every token gives the biases
     assert M.shape == (3, n + 1, n + 1)
     torch.testing.assert_close(M[:, 0, 1:], torch.ones(3, n))  # H_post = 2 sigmoid(0) = 1
-    torch.testing.assert_close(M[:, 1:, 0], torch.full((3, n), 1 / n))  # H_pre = 1/n
+    p = 1 / (1 + math.exp(-1))  # H_pre: sigmoid(1) on stream 0 (layer 0 mod n), the rest shared by the others
+    torch.testing.assert_close(M[:, 1:, 0], torch.tensor([p] + [(1 - p) / (n - 1)] * (n - 1)).expand(3, n))
     expected_res = torch.full((n, n), (1 - d) / (n - 1)) + torch.eye(n) * (d - (1 - d) / (n - 1))
     torch.testing.assert_close(M[0, 1:, 1:], expected_res)
 

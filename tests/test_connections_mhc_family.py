@@ -6,7 +6,8 @@
 * KromHC: the same with ``H_res = torch.kron`` of its 2x2 factors;
 * gradients against float64 finite differences (``torch.autograd.gradcheck``); every parameter gets a gradient from a
   loss on one output entry;
-* Pre-Norm-exact at init; ``H_res`` near the identity at init;
+* Pre-Norm-exact at init; ``H_res`` near the identity at init; ``H_pre`` favours stream ``layer mod n`` at init (the
+  symmetry between the streams is broken);
 * DeepSeek's form (``hc_split_sinkhorn``: sigmoid + eps, 2 sigmoid, row softmax + eps, a column normalisation, then
   ``iters - 1`` row/column rounds, on ``comb`` = our ``H_res^T``), written here in DeepSeek's own layout.
 """
@@ -205,8 +206,8 @@ def test_init_is_prenorm_exact_and_h_res_near_identity(kind, rate):
     for conn, T in zip(conns, branches):
         H = conn(H, T)
     # Streams stay equal and each holds the residual stream; the read-out sums them (the final norm drops the n).
-    # Tolerance: b_pre = logit(1/n) is stored in fp32, so H_pre sums to 1 within ~1e-8; the branch's LayerNorm
-    # removes the scale up to its eps (a ~1e-11 effect).
+    # Tolerance: b_pre (the logits of weights summing to 1) is stored in fp32, so H_pre sums to 1 within ~1e-7; the
+    # branch's LayerNorm removes the scale up to its eps (a ~1e-11 effect).
     torch.testing.assert_close(reduce_streams(H, kind), rate * ref, rtol=1e-10, atol=1e-10)
     h_res = conns[0].static_coefficients()[0][:, 1:].T.double()  # fp32 (the diagnostics' input)
     diag = torch.diagonal(h_res)
@@ -216,6 +217,28 @@ def test_init_is_prenorm_exact_and_h_res_near_identity(kind, rate):
         torch.testing.assert_close(diag, torch.full((rate,), (1 / (1 + math.exp(-8.0))) ** int(math.log2(rate)),
                                                     dtype=torch.float64), rtol=1e-6, atol=1e-6)
         assert (h_res - torch.eye(rate, dtype=torch.float64)).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("kind", ["mhc", "mhclite", "kromhc"])
+@pytest.mark.parametrize("rate", [2, 4])
+def test_init_h_pre_favours_stream_layer_mod_n(kind, rate):
+    # The module docstring's init: sigmoid(1) on stream k mod n for sublayer k, the rest shared evenly, sum 1.
+    p = 1 / (1 + math.exp(-1))
+    for layer in range(rate + 1):
+        conn = build_connection(kind, DIM, rate, layer)
+        h_pre = conn.matrix()[1:, 0].double()  # A_m = H_pre^T, from the static coefficients
+        expected = torch.full((rate,), (1 - p) / (rate - 1), dtype=torch.float64)
+        expected[layer % rate] = p
+        torch.testing.assert_close(h_pre, expected, rtol=1e-6, atol=1e-7)
+        assert abs(h_pre.sum().item() - 1) < 1e-6
+    symmetric = build_connection(kind, DIM, rate, 1, pre_init=1 / rate)  # the former init, for old runs
+    torch.testing.assert_close(symmetric.matrix()[1:, 0], torch.full((rate,), 1 / rate))
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.5, True, "0.7"])
+def test_pre_init_outside_the_open_unit_interval_is_refused(bad):
+    with pytest.raises(ValueError, match=r"pre_init .* must lie in \(0, 1\), got"):
+        build_connection("mhc", DIM, 2, 0, pre_init=bad)
 
 
 # ---------------------------------------------------------------------------------------------------------

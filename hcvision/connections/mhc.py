@@ -14,16 +14,39 @@ In the HC notation of :class:`~hcvision.connections.base.Connection`: ``A_m = H_
 after it (a per-token scalar), which is the same function and saves a pass over ``n*C``. The coefficients are computed
 in fp32 even under autocast.
 
-Init (the paper leaves ``b`` and ``phi`` open; ours, chosen to start at the identity map):
+Init (the paper leaves ``b`` and ``phi`` open; ours starts at the Pre-Norm residual network and breaks the tie
+between the streams):
 
 * ``phi = 0`` and gates ``a = 0.01``: at step 0 the coefficients equal their biases, for every input;
-* ``b_pre = logit(1/n)``: ``H_pre = 1/n``, so with identical streams the branch input is exactly ``h``;
+* ``b_pre``: sublayer ``k`` favours stream ``k mod n``, as HC's ``A_m = e_{k mod n}`` (HC Eq. 14):
+  ``H_pre = p`` on that stream and ``(1-p)/(n-1)`` on each other one (``pre_init = p``, default
+  :data:`PRE_INIT` ``= sigmoid(1) ~ 0.731``). The weights sum to 1, so with identical streams the branch input is
+  exactly ``h``;
 * ``b_post = 0``: ``H_post = 1``, each stream receives the full branch output (as HC's ``B = 1``);
 * ``b_res = c I`` with ``c = log(d (n-1) / (1-d))``: ``H_res`` is doubly stochastic with diagonal ``d``
   (``res_init_diag``, default 0.95) and off-diagonal ``(1-d)/(n-1)``.
 
 Since all streams start equal and ``H_res`` has unit row sums, the network at init computes exactly the Pre-Norm
 residual network, while ``H_res`` stays close to ``I`` so that streams, once they differ, are not averaged away.
+
+Why ``H_pre`` is not uniform: the streams start as ``n`` copies of the embedding, and with ``H_pre = 1/n`` on every
+stream (this project's init before the change; ``pre_init = 1/n`` gives it back) every map above treats the streams
+alike, so the network is symmetric under permuting them: equal streams get equal gradients and, in exact arithmetic,
+stay equal for ever (a residual network with a few scalars). In fp32 only rounding differences set them apart, slowly
+(digits ``mhc2``, one seed: stream cosine exactly 1.0 after one epoch). Favouring one stream per sublayer makes the
+gradient reaching stream ``i`` carry ``H_pre,i`` times the branch input's gradient, so the streams' ``H_post`` (of
+every sublayer but the last) and ``phi`` already move differently in the first step, and the streams then separate.
+(``H_pre`` itself gets almost no gradient while the streams are equal: a Pre-Norm branch does not see the scale of its
+input.)
+
+Why ``p = sigmoid(1)``: HC's one-hot (``p = 1``) is out of reach of a sigmoid, and near it the other entries' sigmoids
+saturate (``dH/db = H (1 - H)``) and barely learn. Public mHC-family code breaks the tie the same way, with a
+layer-dependent favoured stream at logit ``+1``: the KromHC authors' code (``wz1119/KromHC``, ``hyper_conn/Kromhc.py``)
+puts pre logits ``+1`` on stream ``layer_index mod n`` and ``-1`` on the others (a random stream when no layer index is
+given), and the ``hyper-connections`` package's mHC (``lucidrains/hyper-connections``) ``+1`` and ``0``. For ``n = 2``
+KromHC's is exactly ``p = sigmoid(1)`` with weights summing to 1; for ``n > 2`` both sum to more than 1, which would
+scale the branch input, so we keep the favoured weight and share ``1 - p`` among the others. (KromHC also starts
+``H_post`` at ``2 sigmoid(+-1)``; we keep ``H_post = 1``, HC's ``B = 1``.) mHC's paper leaves the biases' init open.
 For ``n = 1`` there is nothing to mix: ``H_pre`` starts at 0.5, which a Pre-Norm branch does not see.
 
 Sinkhorn-Knopp runs in the log domain (``L <- L - logsumexp(L)`` over columns, then rows), the same iterations as
@@ -60,10 +83,21 @@ from .base import Connection
 from .hyper import COMMON_OPTIONS, FAST_OPTIONS
 
 __all__ = ["ManifoldConnection", "ManifoldHyperConnection", "sinkhorn_knopp", "sinkhorn_deepseek", "MHC_FORMS",
-           "DEEPSEEK_EPS", "manifold_parameters"]
+           "DEEPSEEK_EPS", "PRE_INIT", "initial_pre_mix", "manifold_parameters"]
 
 MHC_FORMS: tuple[str, ...] = ("hcvision", "deepseek")
 DEEPSEEK_EPS = 1e-6  # DeepSeek's hc_eps
+PRE_INIT = 1.0 / (1.0 + math.exp(-1.0))  # sigmoid(1): H_pre's favoured weight at init (module docstring)
+
+
+def initial_pre_mix(rate: int, layer_index: int, favoured: float = PRE_INIT) -> torch.Tensor:
+    """``H_pre`` at init for sublayer ``layer_index``: ``favoured`` on stream ``layer_index mod n`` and
+    ``(1 - favoured) / (n - 1)`` on the others (sum 1); ``0.5`` for ``n = 1``. See the module docstring."""
+    if rate == 1:
+        return torch.full((1,), 0.5, dtype=torch.float64)
+    h_pre = torch.full((rate,), (1.0 - favoured) / (rate - 1), dtype=torch.float64)
+    h_pre[layer_index % rate] = favoured
+    return h_pre
 
 
 def sinkhorn_knopp(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
@@ -104,14 +138,19 @@ class ManifoldConnection(Connection):
     ``H_pre = sigmoid``, ``H_post = 2 sigmoid``, each with a scalar gate ``alpha`` and a bias ``b``; a subclass turns
     the residual logits (shape of ``bias_res``) into ``H_res`` (:meth:`residual_mix`).
 
-    At init ``phi = 0`` (the coefficients equal their biases for every input), ``H_pre = 1/n`` and ``H_post = 1``; a
-    subclass makes ``H_res`` near the identity with unit row sums, so with equal streams the network computes the
-    Pre-Norm residual network.
+    At init ``phi = 0`` (the coefficients equal their biases for every input), ``H_pre`` puts ``pre_init`` on stream
+    ``layer_index mod n`` and the rest evenly on the others (:func:`initial_pre_mix`; this breaks the symmetry between
+    the streams) and ``H_post = 1``; a subclass makes ``H_res`` near the identity with unit row sums, so with equal
+    streams the network computes the Pre-Norm residual network.
     """
 
     def __init__(self, kind: str, dim: int, rate: int, layer_index: int, *, gate_init: float = 0.01,
-                 norm_eps: float = 1e-6, **common: Any) -> None:
+                 norm_eps: float = 1e-6, pre_init: float = PRE_INIT, **common: Any) -> None:
+        if isinstance(pre_init, bool) or not isinstance(pre_init, (int, float)) or not 0.0 < pre_init < 1.0:
+            raise ValueError(f"pre_init (H_pre's weight on stream layer_index mod n at init) must lie in (0, 1), "
+                             f"got {pre_init!r}; {PRE_INIT:.4f} by default, 1/n for the symmetric init")
         super().__init__(kind, dim, rate, layer_index, **common)
+        self.pre_init = float(pre_init)
         n = self.num_streams
         self.norm_eps = float(norm_eps)
         res_bias = self.initial_res_bias()
@@ -120,8 +159,7 @@ class ManifoldConnection(Connection):
         self.gate_pre = nn.Parameter(torch.full((1,), float(gate_init)))
         self.gate_post = nn.Parameter(torch.full((1,), float(gate_init)))
         self.gate_res = nn.Parameter(torch.full((1,), float(gate_init)))
-        pre = 1.0 / n if n > 1 else 0.5
-        self.bias_pre = nn.Parameter(torch.full((n,), math.log(pre / (1.0 - pre))))
+        self.bias_pre = nn.Parameter(torch.logit(initial_pre_mix(n, layer_index, self.pre_init)).float())
         self.bias_post = nn.Parameter(torch.zeros(n))
         self.bias_res = nn.Parameter(res_bias)
 
@@ -240,9 +278,10 @@ def manifold_parameters(res_logits: Callable[[int], int]) -> Callable[[int, int,
     return count
 
 
-MANIFOLD_OPTIONS = ("gate_init", "norm_eps")
+MANIFOLD_OPTIONS = ("gate_init", "norm_eps", "pre_init")
 kinds.register(kinds.KindRecord(
     name="mhc", title="manifold-constrained Hyper-Connections", layout="copies", dynamic=True,
     build=ManifoldHyperConnection, family="mhc",
-    options=("gate_init", "sinkhorn_iters", "res_init_diag", "norm_eps", "form") + FAST_OPTIONS + COMMON_OPTIONS,
+    options=("gate_init", "sinkhorn_iters", "res_init_diag", "norm_eps", "pre_init", "form") + FAST_OPTIONS
+    + COMMON_OPTIONS,
     extra_parameters=manifold_parameters(lambda n: n * n)))

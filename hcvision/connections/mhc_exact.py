@@ -16,7 +16,8 @@ is doubly stochastic by construction (to the rounding of the dtype, at any logit
 ``P_sigma[i, j] = 1`` iff ``j = sigma(i)`` (``sigma`` in ``itertools.permutations`` order, the identity first), and
 ``H_res`` acts as in mHC: ``x_out = H_res x + H_post^T F(H_pre x)`` (rows: output streams).
 
-Init: ``phi = 0``, gates 0.01 as mHC, so at step 0 the coefficients equal their biases. mHC-lite: ``b_res`` puts
+Init: ``phi = 0``, gates 0.01 and ``H_pre`` favouring stream ``layer_index mod n`` (``pre_init``) as mHC, so at step 0
+the coefficients equal their biases and the streams do not stay tied (see :mod:`.mhc`). mHC-lite: ``b_res`` puts
 weight ``a_id`` on the identity and the rest evenly on the other permutations, with ``a_id`` chosen so that the diagonal
 of ``H_res`` is ``res_init_diag`` (0.95, as mHC). KromHC: each factor's biases start at ``(res_init_logit, 0)`` (the
 KromHC code's ``(0, -8)``, shifted), so ``p_k = sigmoid(8)`` and ``H_res`` starts within ``1e-3`` of ``I``. Unit row

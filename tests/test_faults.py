@@ -147,8 +147,8 @@ def test_trainer_sampler_and_latent_extraction_exit_2_on_a_held_directory(tmp_pa
         (str(REPO / "train_cls.py"), ["model=vit_digits_patch2_8_res", "model_kwargs.embed_dim=32",
                                       "model_kwargs.depth=1", "progress_bar=false", "tensorboard=false",
                                       f"output_dir={run}", "resume=auto"]),
-        ("hcvision.sample", ["--checkpoint", str(weights), "--num-samples", "2", "--sampling-steps", "2", "--no-progress",
-                             "--out", str(samples)]),
+        ("hcvision.sample", ["--checkpoint", str(weights), "--num-samples", "2", "--sampling-steps", "2",
+                             "--no-progress", "--out", str(samples)]),
         ("hcvision.data.latents", ["--data-dir", str(tmp_path / "images"), "--out", str(latents), "--vae", "none",
                                    "--image-size", "8", "--num-workers", "0"]),
     ]
@@ -217,7 +217,8 @@ def test_sampler_out_of_space_is_one_line_exit_3_and_a_rerun_completes(tmp_path,
 
     weights = _tiny_dit_weights(tmp_path / "dit.safetensors")
     out = tmp_path / "samples"
-    args = ["--checkpoint", str(weights), "--num-samples", "3", "--sampling-steps", "2", "--no-progress", "--out", str(out)]
+    args = ["--checkpoint", str(weights), "--num-samples", "3", "--sampling-steps", "2", "--no-progress",
+            "--out", str(out)]
     monkeypatch.setenv("HCV_FAILPOINT", "write.before_rename:2:enospc")  # the second PNG
     monkeypatch.setattr(io, "_FAILPOINT_HITS", {})
     assert run_cli(main, args, "hcvision.sample") == EXIT_OUT_OF_SPACE

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import site
 import subprocess
 import sys
 import time
@@ -23,10 +24,12 @@ RUNS = (("DHC x2", "dhc2"), ("residual", "res"))
 
 
 def _child_env(**extra: str) -> Dict[str, str]:
-    """The environment of a child process: it imports the same hcvision as this one (installed or a checkout)."""
+    """The environment of a child process: it imports the same hcvision as this one. An installed hcvision is found
+    by the child as it was by this process; a checkout run without installing gets its folder on ``PYTHONPATH``."""
     here = str(Path(__file__).resolve().parents[1])
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH", "")])),
-                **extra)
+    installed = here in {str(Path(p).resolve()) for p in site.getsitepackages() + [site.getusersitepackages()]}
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONPATH=path if installed else os.pathsep.join(filter(None, [here, path])), **extra)
 
 
 def _launch(kind: str, out: Path, extra: List[str]) -> subprocess.Popen:

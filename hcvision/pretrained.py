@@ -74,8 +74,14 @@ PROBE_SECONDS = 5.0  # a host that has not answered by then is taken as unreacha
 
 def _answers(url: str, timeout: float = PROBE_SECONDS) -> bool:
     """Whether ``url``'s host accepts a TCP connection within ``timeout`` seconds, name lookup included (in a
-    thread: ``getaddrinfo`` itself has no timeout)."""
+    thread: ``getaddrinfo`` itself has no timeout). Behind a proxy (``HTTPS_PROXY`` ...) the proxy is what must
+    answer, as it is for the download itself."""
+    from urllib.request import getproxies, proxy_bypass
+
     parts = urlsplit(url)
+    proxy = getproxies().get(parts.scheme)
+    if proxy and not proxy_bypass(parts.hostname or ""):
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     port = parts.port or (80 if parts.scheme == "http" else 443)
     answered = []
 

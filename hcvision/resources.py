@@ -29,21 +29,31 @@ def weights_dir() -> Path:
     return Path(env) if env else _PACKAGE / "weights"
 
 
-def list_recipes() -> Dict[str, Path]:
-    """Recipe name -> file: ``digits_dhc2`` -> ``.../configs/cls/digits_dhc2.yaml`` (``dit/flow`` ones are
-    ``sit_b_2_res`` etc.). Names are unique across the folders (a test checks it)."""
-    root = recipes_dir()
+def list_recipes(trainer: str = "") -> Dict[str, Path]:
+    """Recipe name -> file, for one trainer's folder (``"cls"``, ``"dit"``: ``dit/flow`` included) or all of them:
+    ``digits_dhc2`` -> ``.../configs/cls/digits_dhc2.yaml``. Names are unique across the folders (a test checks it)."""
+    root = recipes_dir() / trainer if trainer else recipes_dir()
     return {p.stem: p for p in sorted(root.rglob("*.yaml"))} if root.is_dir() else {}
 
 
-def resolve_recipe(name_or_path: str) -> Path:
-    """``--config``'s argument: an existing YAML file, or the name of a packaged recipe (``digits_dhc2``,
-    ``cls/digits_dhc2``, ``configs/cls/digits_dhc2.yaml`` as written in the README)."""
+def resolve_recipe(name_or_path: str, trainer: str = "") -> Path:
+    """``--config``'s argument: an existing YAML file, or a packaged recipe of ``trainer`` (all trainers if ``""``) by
+    its name (``digits_dhc2``) or by its path in the repository (``configs/cls/digits_dhc2.yaml``, as the README
+    writes it, from any directory). Anything else is refused: a mistyped path never falls back to a recipe."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
-    recipes = list_recipes()
-    if path.stem in recipes:  # a name, or a README path such as configs/cls/digits_dhc2.yaml run from elsewhere
-        return recipes[path.stem]
+    recipes = list_recipes(trainer)
+    everywhere = list_recipes()
+    relative = {p.relative_to(recipes_dir()).with_suffix("").as_posix(): p for p in everywhere.values()}
+    text = name_or_path.removeprefix("configs/")
+    text = text[: -len(".yaml")] if text.endswith(".yaml") else text
+    found = everywhere.get(text) if "/" not in text and "." not in text else relative.get(text)
+    if found is not None and found in recipes.values():
+        return found
+    if found is not None:
+        owner = found.relative_to(recipes_dir()).parts[0]
+        raise UsageError(f"--config {name_or_path!r} is a recipe of hcvision.train_{owner}, not of this trainer; "
+                         f"accepted: a YAML file, or one of {', '.join(recipes)}")
     raise UsageError(f"--config {name_or_path!r} does not exist as a file and is not a recipe name; accepted: a YAML "
                      f"file, or one of {', '.join(recipes) or '(no recipe packaged)'}")

@@ -353,5 +353,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run(args)
 
 
+def cli() -> int:
+    """The console script ``hcv-sample``: :func:`main` behind the one error wrapper (one line, exit 2)."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
     sys.exit(run_cli(main, prog="hcvision.sample"))

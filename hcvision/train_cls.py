@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Train or evaluate an image classifier (ViT / HC-ViT) with Accelerate.
 
-    python train_cls.py                                   # digits demo: DHCx2 digits ViT, CPU, ~1 min
-    python train_cls.py --config configs/cls/vit_base_dhc2.yaml data_dir=/data/imagenet
-    python train_cls.py model=vit_digits_patch2_8_res output_dir=runs/res epochs=50 lr=2e-3
-    python train_cls.py eval_only=true checkpoint=runs/res/model.safetensors
-    python train_cls.py --config configs/cls/digits_upcycle_dhc2.yaml   # residual weights -> DHCx2, fine-tuned
-    python train_cls.py data_dir=wds/shards/ ...  |  data_dir=hfds/org/name data_root=~/hf_cache ...
-    torchrun --nproc_per_node 2 train_cls.py ...            # DDP (accelerate launch works too)
+    hcv-train-cls                                         # digits demo: DHCx2 digits ViT, CPU, ~1 min
+    hcv-train-cls --help                                  # every key: type, default, accepted values
+    hcv-train-cls --config vit_base_dhc2 data_dir=/data/imagenet        # a packaged recipe (or a YAML file)
+    hcv-train-cls model=vit_digits_patch2_8_res output_dir=runs/res epochs=50 lr=2e-3
+    hcv-train-cls eval_only=true checkpoint=runs/res      # the model its run recorded
+    hcv-train-cls --config digits_upcycle_dhc2            # residual weights -> DHCx2, fine-tuned
+    hcv-train-cls data_dir=wds/shards/ ...  |  data_dir=hfds/org/name data_root=~/hf_cache ...
+    torchrun --nproc_per_node 2 -m hcvision.train_cls ... # DDP (accelerate launch works too)
+
+(``hcv-train-cls`` = ``python -m hcvision.train_cls`` = ``python train_cls.py`` in a checkout.)
 
 Keys are those of :class:`ClsConfig` and :class:`hcvision.engine.BaseTrainConfig` (``model_kwargs.<name>=value``
 reaches the model); data sources are :mod:`hcvision.data.sources`, ``pretrained=`` sources :mod:`hcvision.pretrained`.
@@ -44,6 +47,8 @@ class ClsConfig(BaseTrainConfig):
     The transform keys (``img_size`` to ``std``) are timm ``train.py``'s, passed to timm's ``create_transform`` for
     image data (DIR, wds/, hfds/; :mod:`hcvision.data.transforms`); the embedded digits take only ``mean`` and ``std``
     and refuse the others. ``''``, ``0`` and ``[]`` mean the model's value (its pretrained cfg)."""
+
+    RECIPES = "cls"  # --config NAME looks in the packaged configs/cls/
 
     model: str = "vit_digits_patch2_8_dhc2"
     output_dir: str = "runs/digits_dhc2"
@@ -130,7 +135,7 @@ def run(cfg: ClsConfig) -> int:
         if name and "model" in cfg.given_keys and name != cfg.model:
             raise ConfigError(f"model={cfg.model!r} does not match checkpoint={cfg.checkpoint!r}, which holds a "
                               f"{name!r}; drop model= to use the checkpoint's, or pass a matching checkpoint")
-        if name and "model" not in cfg.given_keys:
+        if name:  # the run's kwargs too (its width, depth ...), under what model_kwargs.* the user gives
             cfg.model = name
             cfg.model_kwargs = checked_model_kwargs(name, {**recorded_kwargs, **cfg.model_kwargs})
     check_model_name(cfg.model)

@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Train a class-conditional (HC-)DiT with Accelerate, then sample it and score the samples.
 
-    python train_dit.py                                     # digits demo: SHCx2 DiT in pixel space, CPU, < 10 min
-    python train_dit.py objective=flow                      # the same with SiT's flow matching (SDE sampler)
-    python train_dit.py --config configs/dit/dit_xl_2_shc2.yaml data_dir=/data/imagenet256_latents
-    torchrun --nproc_per_node 8 train_dit.py --config ...   # DDP (accelerate launch works too)
+    hcv-train-dit                                           # digits demo: SHCx2 DiT in pixel space, CPU, < 10 min
+    hcv-train-dit objective=flow                            # the same with SiT's flow matching (SDE sampler)
+    hcv-train-dit --config dit_xl_2_shc2 data_dir=/data/imagenet256_latents   # a packaged recipe (or a YAML file)
+    torchrun --nproc_per_node 8 -m hcvision.train_dit --config ...   # DDP (accelerate launch works too)
+
+(``hcv-train-dit`` = ``python -m hcvision.train_dit`` = ``python train_dit.py`` in a checkout; ``--help`` lists every
+key.)
 
 ``data_dir`` '' is scikit-learn's digits in pixel space (1x8x8 in [-1, 1]), else a directory written by ``python -m
 hcvision.data.latents``. ``objective`` ddpm is DiT's loss, flow SiT's; ``repa_weight > 0`` adds REPA's alignment with a
@@ -43,6 +46,8 @@ from hcvision.sampling_spec import settings as sampling_settings
 @dataclass
 class DitConfig(BaseTrainConfig):
     """Diffusion run.  Defaults are the digits demo (SHCx2 DiT in pixel space on CPU)."""
+
+    RECIPES = "dit"  # --config NAME looks in the packaged configs/dit/
 
     model: str = "dit_digits_2_shc2"
     output_dir: str = "runs/dit_digits_shc2"
@@ -94,6 +99,9 @@ class DitConfig(BaseTrainConfig):
         super().validate()
         self.repa_encoder_kwargs = checked_model_kwargs(self.repa_encoder_model, self.repa_encoder_kwargs,
                                                         "repa_encoder_kwargs")
+        if "class_dropout_prob" in self.model_kwargs:  # the trainer passes its own key to the model
+            raise ConfigError("model_kwargs.class_dropout_prob is set by the trainer's class_dropout_prob; accepted: "
+                              f"class_dropout_prob={self.model_kwargs['class_dropout_prob']} instead")
         require(self.time_sampling in (TIME_SAMPLINGS if self.objective == "flow" else ("uniform",)), "time_sampling",
                 self.time_sampling, f"one of {TIME_SAMPLINGS} for objective=flow, 'uniform' for objective=ddpm")
         try:

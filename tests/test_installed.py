@@ -70,11 +70,21 @@ def test_installed_wheel_works_from_another_directory(installed, tmp_path):
     where, classes = r.stdout.split()
     assert Path(where).resolve().is_relative_to(site.resolve()) and classes == "10"
 
-    # --help from the module and from the console script.
-    for cmd in ([py, "-m", "hcvision.train_cls", "--help"], [str(bin_dir / "hcv-train-dit"), "-h"]):
+    # --help from the module and from the console script, each naming the command as typed.
+    for cmd, prog, recipe in (
+            ([py, "-m", "hcvision.train_cls", "--help"], "python -m hcvision.train_cls", "digits_dhc2"),
+            ([str(bin_dir / "hcv-train-dit"), "-h"], "hcv-train-dit", "dit_digits_shc2")):
         r = _run(site, work, *cmd)
         assert r.returncode == 0, r.stderr
-        assert "--config RECIPE|FILE" in r.stdout and "digits_dhc2" in r.stdout and "\noptimisation:\n" in r.stdout
+        assert r.stdout.startswith(f"usage: {prog} [--config RECIPE|FILE ...]"), r.stdout[:200]
+        assert recipe in r.stdout and "\noptimisation:\n" in r.stdout
+
+    # Every console script fails like the modules: one line, exit 2.
+    for script, args in (("hcv-sample", ["--checkpoint", "nope.safetensors", "--num-samples", "2", "--out", "s"]),
+                         ("hcv-compare", ["run", "--config", "nope", "--out", "c"]),
+                         ("hcv-train-cls", ["lr=-1"])):
+        r = _run(site, work, str(bin_dir / script), *args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
 
     # A 1-epoch digits run from a recipe name, in this directory.
     r = _run(site, work, py, "-m", "hcvision.train_cls", "--config", "digits_res", "epochs=1", "output_dir=run",

@@ -29,7 +29,9 @@ def test_help_lists_every_key_with_type_default_and_range(trainer, flag, capsys)
     out = capsys.readouterr().out
     for f in dataclasses.fields(trainer.CONFIG):
         assert f"\n  {f.name} " in out, f.name
-    assert "--config RECIPE|FILE" in out and "model_kwargs.NAME=V" in out and "digits_dhc2" in out
+    own, other = ("digits_dhc2", "dit_digits_shc2") if trainer is train_cls else ("dit_digits_shc2", "digits_dhc2")
+    assert "--config RECIPE|FILE" in out and "model_kwargs.NAME=V" in out
+    assert f" {own}," in out and f" {other}," not in out  # each trainer lists its own recipes
     assert [g for g in GROUPS if f"\n{g}:\n" in out] == [g for g in GROUPS if g != "diffusion" or trainer is train_dit]
     # A field declared in the base with a range keeps it when the trainer only changes its default (lr).
     assert "  lr " in out and "accepted: a finite number > 0" in out.split("\n  lr ")[1].splitlines()[0]
@@ -63,10 +65,19 @@ def test_recipe_names_resolve_and_are_unique(tmp_path, monkeypatch):
     assert len(stems) == len(set(stems))
     assert resolve_recipe("digits_dhc2") == recipes["digits_dhc2"]
     assert resolve_recipe("configs/cls/digits_dhc2.yaml") == recipes["digits_dhc2"]  # the README's path, any cwd
+    assert resolve_recipe("dit/flow/sit_b_2_res", "dit") == recipes["sit_b_2_res"]
     cfg = parse_config(train_cls.CONFIG, ["--config", "digits_res"])
     assert cfg.model == "vit_digits_patch2_8_res"
     with pytest.raises(ConfigError, match="not a recipe name; accepted: a YAML file, or one of digits_dhc2"):
         parse_config(train_cls.CONFIG, ["--config", "digits_dhc3"])
+    # A mistyped path never falls back to a recipe of the same stem.
+    for typo in ("/home/me/typo/digits_dhc2.yaml", "digits_dhc2.json", "dit/digits_dhc2",
+                 "configs/dit/digits_res.yaml"):
+        with pytest.raises(UsageError, match="does not exist as a file and is not a recipe name"):
+            resolve_recipe(typo)
+    # Each trainer takes its own recipes and says whose another one is.
+    with pytest.raises(ConfigError, match="'dit_digits_shc2' is a recipe of hcvision.train_dit, not of this trainer"):
+        parse_config(train_cls.CONFIG, ["--config", "dit_digits_shc2"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -90,13 +101,30 @@ def test_bad_model_argument_is_exit_2_before_anything_is_written(tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.parametrize("arg,needle", [
+    ("model_kwargs.img_size=7", "takes 1x7x7 images, but the embedded digits (data_dir='') are 1x8x8"),
+    ("model_kwargs.in_chans=2", "takes 2x8x8 images"),
+    ("model=vit_tiny_patch16_224_dhc2", "takes 3x224x224 images"),
+    ("model_kwargs.act_layer=bogus", "cannot be built with model_kwargs act_layer='bogus'"),
+])
+def test_a_model_that_cannot_take_the_digits_is_refused_before_anything_is_written(tmp_path, capsys, arg, needle):
+    out = tmp_path / "run"
+    assert train_cls.main([arg, f"output_dir={out}", "progress_bar=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not out.exists()
+
+
 def test_bad_dit_and_encoder_arguments_are_refused(tmp_path, capsys):
     assert train_dit.main(["model_kwargs.learn_sigma=2", f"output_dir={tmp_path / 'a'}"]) == 2
     assert "model_kwargs.learn_sigma=2 has type int; expected bool" in capsys.readouterr().err
     assert train_dit.main(["repa_encoder_kwargs.depht=2", f"output_dir={tmp_path / 'b'}"]) == 2
     assert "repa_encoder_kwargs.depht is not an argument of model='vit_base_patch14_dinov2'; close names: depth" \
         in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert train_dit.main(["model_kwargs.class_dropout_prob=0", f"output_dir={tmp_path / 'c'}"]) == 2
+    err = capsys.readouterr().err
+    assert "set by the trainer's class_dropout_prob; accepted: class_dropout_prob=0.0 instead" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 def test_good_model_arguments_are_converted_to_their_types():
@@ -121,6 +149,15 @@ def test_eval_only_takes_the_model_the_run_recorded(tmp_path, capsys):
         assert train_cls.main(["eval_only=true", f"checkpoint={checkpoint}", "progress_bar=false"]) == 0
         line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert line["model"] == "vit_digits_patch2_8_res" and line["top1"] == pytest.approx(trained["top1"])
+    # model= given and the same, from the command line or a recipe: the run's kwargs (its width, depth) still apply.
+    for given in (["model=vit_digits_patch2_8_res"], ["--config", "digits_res"]):
+        assert train_cls.main(["eval_only=true", f"checkpoint={run}", "progress_bar=false", *given]) == 0
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert line["top1"] == pytest.approx(trained["top1"])
+    # A config built in code (no parse_config): nothing was "given", the recorded model is used.
+    cfg = train_cls.CONFIG(eval_only=True, checkpoint=str(run), progress_bar=False)
+    assert cfg.given_keys == frozenset() and train_cls.run(cfg) == 0 and cfg.model == "vit_digits_patch2_8_res"
+    capsys.readouterr()
     # model= given and different: exit 2 naming both.
     assert train_cls.main(["eval_only=true", f"checkpoint={run}", "model=vit_digits_patch2_8_dhc2"]) == 2
     err = capsys.readouterr().err
@@ -158,3 +195,25 @@ def test_offline_variable_refuses_without_probing(monkeypatch, tmp_path):
     with pytest.raises(UsageError, match="HF_HUB_OFFLINE is set"):
         pretrained.resolve_pretrained("hf-hub:someone/not-cached-here")
     assert probes == []
+
+
+def test_probe_goes_through_the_proxy_when_one_is_set(monkeypatch):
+    """Behind HTTPS_PROXY the proxy is what must answer (as for the download); without one, the host itself."""
+    import socket
+
+    from hcvision.pretrained import _answers
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(1)
+    port = listening.getsockname()[1]
+    try:
+        for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(var, raising=False)
+        assert _answers(f"https://127.0.0.1:{port}") and not _answers("https://127.0.0.1:9")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+        assert _answers("https://127.0.0.1:9")  # the proxy answers for the host
+        monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+        assert not _answers(f"https://hub.invalid:{port}")
+    finally:
+        listening.close()

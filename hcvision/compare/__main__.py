@@ -1,6 +1,5 @@
 import sys
 
-from ..cli import run_cli
-from .cli import PROG, main
+from .cli import cli
 
-sys.exit(run_cli(main, prog=PROG))
+sys.exit(cli())

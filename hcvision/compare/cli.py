@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import List, NoReturn, Optional, Sequence
 
+from ..cli import run_cli
 from .spec import SpecError
 
 PROG = "python -m hcvision.compare"
@@ -174,3 +175,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "run":
         return _run(args, argv)
     return _aggregate(args, argv)
+
+
+def cli() -> int:
+    """The console script ``hcv-compare``: :func:`main` behind the one error wrapper (one line, exit 2 or 3)."""
+    return run_cli(main, prog=PROG)
+

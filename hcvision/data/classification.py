@@ -36,6 +36,17 @@ def check_input_size(model: torch.nn.Module, img_size: int) -> None:
                          "model_kwargs.dynamic_img_size=true")
 
 
+def check_digits_fit(model: torch.nn.Module) -> None:
+    """The embedded digits are 1x8x8 images: a model built for other inputs is an error now, before any output."""
+    name = model.pretrained_cfg.get("architecture", type(model).__name__)
+    chans = model_in_chans(model)
+    size = tuple(getattr(getattr(model, "patch_embed", None), "img_size", None) or ())
+    if chans != 1 or (size and size != (8, 8) and not getattr(model.patch_embed, "dynamic_img_size", False)):
+        raise UsageError(f"model={name!r} as built takes {chans}x{'x'.join(map(str, size)) or '?'} images, but the "
+                         "embedded digits (data_dir='') are 1x8x8; accepted: a model for 1x8x8 input (drop "
+                         "model_kwargs.in_chans / model_kwargs.img_size), or image data (data_dir=DIR)")
+
+
 def classification_datasets(source: DataSource, model: torch.nn.Module, *, seed: int = 0, digits_augment: bool = False,
                             transform: Optional[TransformOptions] = None, train_split: str = "train",
                             val_split: str = "", train_num_samples: int = 0,
@@ -59,6 +70,7 @@ def classification_datasets(source: DataSource, model: torch.nn.Module, *, seed:
                              "embedded digits (data_dir=''), which take only mean, std and digits_augment; drop "
                              f"{', '.join(stray)}, or export the digits as an image folder (python -m "
                              "hcvision.data.digits --export DIR) and train with data_dir=DIR")
+        check_digits_fit(model)
         mean = options.mean or model.pretrained_cfg.get("mean", (0.5,))
         std = options.std or model.pretrained_cfg.get("std", (0.5,))
         for key, values in (("mean", options.mean), ("std", options.std)):

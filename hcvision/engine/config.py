@@ -19,7 +19,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -60,6 +60,11 @@ class BaseTrainConfig:
     Batch sizes are *global*: the per-device batch is ``global_batch_size / (num_processes *
     grad_accum_steps)`` so that the optimisation recipe does not change with the hardware.
     """
+
+    RECIPES: ClassVar[str] = ""  # the packaged recipes' folder of this trainer (hcvision.resources): "cls", "dit"
+    # The keys the user set in a file or on the command line (parse_config fills it): a default that a run's own
+    # record can replace (eval_only takes the checkpoint's model) is replaced only when the user did not set it.
+    given_keys: ClassVar[FrozenSet[str]] = frozenset()
 
     # -- model -------------------------------------------------------------------------------------
     model: str = checked("", bool, "a timm model name")  # any registered name (timm.list_models('*_dhc2'))
@@ -250,7 +255,7 @@ def parse_config(cls: Type[C], argv: Sequence[str] = (), *, defaults: Optional[D
     layers = [list((defaults or {}).items())]
     for path in config_files:
         try:
-            path = resolve_recipe(path)
+            path = resolve_recipe(path, cls.RECIPES)
         except UsageError as err:
             raise ConfigError(str(err)) from None
         layers.append(list(load_yaml(path).items()))
@@ -271,9 +276,8 @@ def parse_config(cls: Type[C], argv: Sequence[str] = (), *, defaults: Optional[D
             else:
                 _apply(values, key, value, hints, names)
     cfg = cls(**values)
-    # Which keys the user set (a file or the command line), for defaults that a run's own record can fill instead
-    # (train_cls eval_only takes the model from the checkpoint's run unless model= was given).
-    cfg.given_keys = frozenset(k.partition(".")[0] for layer in layers[1:] for k, _ in layer)
+    cfg.given_keys = frozenset(renamed.get(top, top) for layer in layers[1:] for top in (k.partition(".")[0]
+                                                                                       for k, _ in layer))
     cfg.validate()
     return cfg
 

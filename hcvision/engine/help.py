@@ -15,6 +15,7 @@ import io as _io
 import re
 import textwrap
 import tokenize
+import types
 import typing
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -73,8 +74,10 @@ def _declarations(klass: type) -> Dict[str, Tuple[Optional[str], str]]:
 
 def _type_text(tp: object) -> str:
     origin = typing.get_origin(tp)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_text(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
     if origin in (tuple, typing.Tuple):
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -121,7 +124,7 @@ def config_keys(cls: type) -> List[KeyHelp]:
 
 def config_help(cls: type, prog: str, summary: str = "") -> str:
     """The text ``--help`` prints for a trainer whose config class is ``cls``."""
-    recipes = ", ".join(list_recipes()) or "(none packaged)"
+    recipes = ", ".join(list_recipes(cls.RECIPES)) or "(none packaged)"
     parts = [
         f"usage: {prog} [--config RECIPE|FILE ...] [key=value ...]",
         "",

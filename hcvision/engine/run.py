@@ -224,13 +224,20 @@ class Run:
 
 def train_main(config_cls: Type[BaseTrainConfig], run: Callable[[Any], int], argv: Optional[Sequence[str]],
                prog: str) -> int:
-    """``parse_config`` + ``run`` behind the one exit-code wrapper; ``-h`` / ``--help`` prints every key."""
+    """``parse_config`` + ``run`` behind the one exit-code wrapper; ``-h`` / ``--help`` prints every key.
+
+    From a command line, messages name the command as it was typed: ``python -m hcvision.train_cls``, the console
+    script (``hcv-train-cls``) or the launcher (``train_cls.py``); called with ``argv``, they name ``prog``."""
     args = sys.argv[1:] if argv is None else list(argv)
+    if argv is None and sys.argv[0]:
+        module = sys.modules[run.__module__]
+        as_module = Path(sys.argv[0]).resolve() == Path(module.__file__ or "").resolve()
+        name = getattr(module.__spec__, "name", None) or run.__module__  # under -m the module is __main__
+        prog = f"python -m {name}" if as_module else os.path.basename(sys.argv[0])
     if "-h" in args or "--help" in args:
         from .help import config_help
 
         doc = (sys.modules[run.__module__].__doc__ or "").strip().split("\n\n")[0]
-        invoked = os.path.basename(sys.argv[0]) if argv is None and sys.argv[0] else prog
-        print(config_help(config_cls, invoked if invoked != "__main__.py" else prog, doc), end="")
+        print(config_help(config_cls, prog, doc), end="")
         return 0
     return run_cli(lambda a: run(parse_config(config_cls, a)), args, prog)

@@ -146,7 +146,8 @@ def recorded_classifier(checkpoint: str) -> Tuple[Optional[str], Dict[str, Any]]
                 except (OSError, yaml.YAMLError):
                     break
                 if isinstance(recorded, dict) and isinstance(recorded.get("model"), str):
-                    name, kwargs = recorded["model"], dict(recorded.get("model_kwargs") or {})
+                    kwargs = recorded.get("model_kwargs")
+                    name, kwargs = recorded["model"], dict(kwargs) if isinstance(kwargs, dict) else {}
                 break
     kwargs.pop("num_classes", None)  # the data decides; a head that does not fit is reported on loading
     return name, kwargs

@@ -350,8 +350,8 @@ def check_digits_classifier(path: PathLike = "") -> Path:
     if not path.is_file():
         raise UsageError(
             f"the digits classifier {str(path)!r} does not exist; the demo scores its samples with it. Produce one "
-            f"with the classification demo (`python train_cls.py --config configs/cls/digits_dhc2.yaml "
-            f"output_dir=runs/clf` writes runs/clf/model.safetensors) and pass digits_classifier=PATH or set "
+            f"with the classification trainer (`hcv-train-cls --config digits_res output_dir=runs/clf` writes "
+            f"runs/clf/model.safetensors) and pass digits_classifier=PATH or set "
             f"{DIGITS_CLASSIFIER_ENV}=PATH; or set eval_samples=0 to train without scoring")
     try:
         load_digits_classifier(path)

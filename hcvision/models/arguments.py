@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import types
 import typing
 from typing import Any, Dict, Mapping, Tuple
 
@@ -68,14 +69,14 @@ def model_arguments(name: str) -> Dict[str, Any]:
 def _accepts_config_value(tp: Any) -> bool:
     """Whether a YAML value (None, bool, number, str, list, mapping) can ever fit ``tp``."""
     origin = typing.get_origin(tp)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):
         return any(_accepts_config_value(a) for a in typing.get_args(tp))
     return tp in (Any, bool, int, float, str, type(None)) or origin in (tuple, dict, typing.Literal)
 
 
 def _plain(tp: Any) -> Any:
     """``tp`` without the members a config value cannot take (callables, classes)."""
-    if typing.get_origin(tp) is typing.Union:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         kept = tuple(a for a in typing.get_args(tp) if _accepts_config_value(a))
         return typing.Union[kept] if len(kept) > 1 else kept[0]
     return tp

@@ -87,7 +87,7 @@ def create_model(name: str, kwargs: Optional[Dict[str, Any]] = None, *, meta: bo
             with torch.device("meta"):
                 return timm.create_model(name, **kwargs)
         return timm.create_model(name, **kwargs)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, KeyError) as err:  # KeyError: timm's layer lookup by name (act_layer='bogus')
         given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no kwargs"
         raise UsageError(f"model={name!r} cannot be built with {key} {given}: {_first_line(err)}") from None
 
@@ -137,7 +137,6 @@ def load_dinov2(path: PathLike, model_name: Optional[str] = None, model_kwargs: 
     """A frozen DINOv2 ViT (or another timm ViT) for ``img_size`` inputs from a local weights file, without downloads;
     returns (model in eval mode, sha256). Used for FD-DINOv2 and as REPA's encoder; ``key`` names the option in
     errors. The file is read with :func:`hcvision.io.load_weights` (nothing unpickled) and must be finite."""
-    import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     path = Path(path)
@@ -154,17 +153,13 @@ def load_dinov2(path: PathLike, model_name: Optional[str] = None, model_kwargs: 
     name = model_name or recorded_name or DEFAULT_DINOV2_MODEL
     check_model_name(name.split(".")[0], "vit_", what="timm ViT for DINOv2 features", key=key)
     kwargs = {**(recorded_kwargs if model_kwargs is None else model_kwargs), "num_classes": 0, "img_size": img_size}
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"cannot build {name!r} with {kwargs} for {source} ({err})") from None
+    model = create_model(name, kwargs, key=key)
     try:
         # converts the original DINOv2 layout (w12/w3, mask_token, register tokens) and resamples the position
         # embedding to the input grid; antialias=False as in DINOv2's interpolate_pos_encoding
         state = checkpoint_filter_fn(dict(state), model, interpolation="bicubic", antialias=False)
     except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise UsageError(f"{source} does not fit {name!r} ({first}); {hint}") from None
+        raise UsageError(f"{source} does not fit {name!r} ({_first_line(err)}); {hint}") from None
     state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the classifier is not used
     problem = layout_mismatch(state, model.state_dict())
     if problem:

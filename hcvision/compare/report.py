@@ -42,7 +42,8 @@ PAIRED_SHOWN = ("top1", "fid", "cls_acc", "final_loss")
 #: validation metrics that metrics.jsonl logs during training (curves)
 CURVE_METRICS = ("top1", "fid", "cls_acc")
 #: connection diagnostics (hcvision.analysis.diagnostics) drawn when the trainer logged them
-CURVE_DIAGNOSTICS = ("conn/res_dist_mean", "conn/beta_std", "conn/composite_gain_fwd")
+CURVE_DIAGNOSTICS = ("conn/res_dist_mean", "conn/beta_std", "conn/composite_gain_fwd", "conn/composite_gain_bwd",
+                     "conn/res_ds_err_max", "conn/res_logit_spread_max")
 # keys that differ between runs of one comparison without defining a variant
 _IGNORED_KEYS = {"seed", "output_dir", "resume", "progress_bar", "tensorboard", "model", "model_kwargs", "num_workers"}
 

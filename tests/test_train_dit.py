@@ -205,7 +205,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, latent_dir,
     assert "not a latent directory" in err([f"data_dir={tmp_path}", "eval_samples=0"])
     assert "not a registered DiT" in err(["model=dit_digits_3_shc2", clf])
     msg = err([f"digits_classifier={tmp_path / 'missing.safetensors'}"])
-    assert "does not exist" in msg and "train_cls.py" in msg and "eval_samples=0" in msg
+    assert "does not exist" in msg and "hcv-train-cls" in msg and "eval_samples=0" in msg
     assert "label dropout" in err(["class_dropout_prob=0", "guidance_scale=1.5", clf])
     assert "did you mean 'sampling_steps'" in err(["sampling_step=10", clf])
     assert "sampler='euler' does not sample a ddpm model" in err(["sampler=euler", clf])

@@ -70,13 +70,13 @@ def classification_datasets(source: DataSource, model: torch.nn.Module, *, seed:
                              "embedded digits (data_dir=''), which take only mean, std and digits_augment; drop "
                              f"{', '.join(stray)}, or export the digits as an image folder (python -m "
                              "hcvision.data.digits --export DIR) and train with data_dir=DIR")
-        check_digits_fit(model)
         mean = options.mean or model.pretrained_cfg.get("mean", (0.5,))
         std = options.std or model.pretrained_cfg.get("std", (0.5,))
         for key, values in (("mean", options.mean), ("std", options.std)):
             if len(values) > 1:
                 raise UsageError(f"{key}={list(values)} has {len(values)} values but the embedded digits have one "
                                  "channel; accepted: one value, or [] (the model's)")
+        check_digits_fit(model)
         train = DigitsDataset("train", mean, std, augment=digits_augment, seed=seed)
         val, classes, collate = DigitsDataset("val", mean, std), DigitsDataset.num_classes, digits_collate
     else:
